@@ -1,0 +1,5 @@
+"""Step registry, config files and the command line; built on :mod:`napari_soct.processing`."""
+
+from .steps import STEPS, Input, Step, get_step, register
+
+__all__ = ["STEPS", "Input", "Step", "get_step", "register"]

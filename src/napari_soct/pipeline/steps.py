@@ -1,0 +1,136 @@
+"""The step registry: each processing step declared once.
+
+A :class:`Step` ties a processing function to its parameter dataclass (see
+:mod:`napari_soct.processing.params`), its input paths and the images it produces. The command line
+(:mod:`napari_soct.pipeline.cli`), the config file (:mod:`napari_soct.pipeline.config`) and the napari dock
+widgets (:mod:`napari_soct.widgets`) are all generated from these declarations; adding a step means adding one
+``register(Step(...))`` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..processing.params import ParamInfo, param_infos
+from ..processing.preprocess import PreprocessParams, PreprocessResult, preprocess_acquisition
+
+__all__ = ["Input", "Step", "STEPS", "register", "get_step"]
+
+
+@dataclass(frozen=True)
+class Input:
+    """A path argument of a step.
+
+    Attributes
+    ----------
+    name : str
+        Argument name of the step function.
+    help : str
+    mode : {"dir", "file", "out_dir"}
+        Existing folder, existing file, or a folder to create.
+    """
+
+    name: str
+    help: str
+    mode: str = "dir"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One processing step, declared once.
+
+    Attributes
+    ----------
+    name : str
+        Identifier used for the CLI sub-command and the config section.
+    title : str
+        Human title (widget name).
+    help : str
+        One-paragraph description.
+    function : callable
+        ``function(*inputs, params, progress=None, cancel=None) -> result``.
+    params : type
+        Parameter dataclass (fields built with :func:`~napari_soct.processing.params.param`).
+    inputs : tuple of Input
+    images : callable
+        ``images(result) -> list[Path]``: OME-Zarr images to show after a run.
+    summary : callable
+        ``summary(result) -> str``: what was produced, for the CLI and the widget status line.
+    """
+
+    name: str
+    title: str
+    help: str
+    function: Callable
+    params: type
+    inputs: tuple[Input, ...]
+    images: Callable[[object], list[Path]]
+    summary: Callable[[object], str]
+
+    @property
+    def param_infos(self) -> list[ParamInfo]:
+        return param_infos(self.params)
+
+    def run(self, *inputs, params=None, progress=None, cancel=None):
+        """Call the step function."""
+        return self.function(*inputs, params or self.params(), progress=progress, cancel=cancel)
+
+
+STEPS: dict[str, Step] = {}
+
+
+def register(step: Step) -> Step:
+    """Add a step to the registry (names are unique)."""
+    if step.name in STEPS:
+        raise ValueError(f"step {step.name!r} is already registered")
+    STEPS[step.name] = step
+    return step
+
+
+def get_step(name: str) -> Step:
+    """Look a step up by name, with the known names in the error."""
+    try:
+        return STEPS[name]
+    except KeyError:
+        raise KeyError(f"unknown step {name!r}; known steps: {', '.join(STEPS)}") from None
+
+
+def _preprocess_summary(result: PreprocessResult) -> str:
+    written = [s for s in result.slices if not s.skipped]
+    lines = [
+        f"{len(written)} mosaic grid(s) written, {len(result.slices) - len(written)} kept, in "
+        f"{result.seconds:.1f} s with {result.workers_used} worker(s), into {result.out_dir}"
+    ]
+    for s in result.slices:
+        galvo = s.galvo or {}
+        state = "kept" if s.skipped else (
+            f"galvo confidence {galvo.get('confidence', 0):.2f} "
+            f"({'fixed, shift ' + str(galvo.get('shift')) if galvo.get('applied') else 'not fixed'})"
+        )
+        notes = f", broken tiles: {', '.join(s.bad_tiles)}" if s.bad_tiles else ""
+        lines.append(f"  slice {s.slice_id}: {Path(s.path).name} {state}{notes}")
+    lines.append(f"  {result.shifts_path}")
+    if result.slice_config_path:
+        lines.append(f"  {result.slice_config_path}")
+    lines.append(f"  {result.metrics_path}")
+    return "\n".join(lines)
+
+
+register(
+    Step(
+        name="preprocess",
+        title="Preprocess raw tiles",
+        help="Raw S-OCT tiles to per-slice mosaic grids (OME-Zarr), shifts_xy.csv, slice_config.csv and QC "
+        "previews, with galvo band correction.",
+        function=preprocess_acquisition,
+        params=PreprocessParams,
+        inputs=(
+            Input("raw_dir", "Raw acquisition folder (tile_x*_y*_z* folders, flat or under z*/)", "dir"),
+            Input("out_dir", "Output folder for mosaic grids and tables", "out_dir"),
+        ),
+        images=lambda result: result.mosaic_paths,
+        summary=_preprocess_summary,
+    )
+)

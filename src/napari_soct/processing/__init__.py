@@ -1,0 +1,1 @@
+"""The science of napari-soct: pure functions on numpy, dask and zarr. No napari or Qt imports here."""

@@ -1,0 +1,84 @@
+"""Atomic outputs: write under a temporary name next to the target, rename when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+__all__ = ["OutputExistsError", "atomic_output", "check_can_write", "IF_EXISTS_CHOICES"]
+
+IF_EXISTS_CHOICES = ("error", "skip", "overwrite")
+
+
+class OutputExistsError(FileExistsError):
+    """A result already exists and the caller did not ask to overwrite or skip it."""
+
+
+def check_can_write(path: str | os.PathLike, if_exists: str) -> bool:
+    """Decide what to do with an output path.
+
+    Returns
+    -------
+    bool
+        True when the output must be (re)written, False when an existing one is kept (``if_exists="skip"``).
+
+    Raises
+    ------
+    OutputExistsError
+        If the path exists and ``if_exists == "error"``.
+    """
+    if if_exists not in IF_EXISTS_CHOICES:
+        raise ValueError(f"if_exists must be one of {IF_EXISTS_CHOICES}, got {if_exists!r}")
+    path = Path(path)
+    if not path.exists():
+        return True
+    if if_exists == "skip":
+        return False
+    if if_exists == "error":
+        raise OutputExistsError(
+            f"{path}: already exists; choose another output folder, or pass if_exists='overwrite' "
+            "(CLI: --if-exists overwrite) to replace it or 'skip' to keep it"
+        )
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, if_exists: str = "error"):
+    """Context manager yielding a temporary path that becomes ``path`` when the block succeeds.
+
+    The temporary sits in the same folder (same file system, so the final rename is atomic) and starts with
+    a dot, so readers never see a half-written result. On error it is removed and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> with atomic_output(out / "result.ome.zarr") as tmp:   # doctest: +SKIP
+    ...     write_zarr(tmp)
+    """
+    path = Path(path)
+    check_can_write(path, "overwrite" if if_exists == "skip" else if_exists)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.exists():
+        # Overwrite requested: move the old result aside first so a crash never leaves neither.
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)

@@ -1,0 +1,207 @@
+"""OME-Zarr images: write NGFF 0.5 (zarr v3), read NGFF 0.4 and 0.5 multiscale images lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+
+__all__ = [
+    "OmeZarrImage",
+    "COMPRESSION_CHOICES",
+    "create_ome_zarr_image",
+    "open_ome_zarr",
+    "is_ome_zarr",
+    "compressors_for",
+]
+
+COMPRESSION_CHOICES = ("blosc-lz4", "zstd", "none")
+_UNIT_TO_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "meter": 1e3, "centimeter": 10.0}
+
+
+def compressors_for(compression: str):
+    """zarr v3 compressor list for a compression name."""
+    if compression == "none":
+        return None
+    if compression == "zstd":
+        return [zarr.codecs.ZstdCodec(level=1)]
+    if compression == "blosc-lz4":
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    raise ValueError(f"compression must be one of {COMPRESSION_CHOICES}, got {compression!r}")
+
+
+def _multiscales(name: str, scales_mm: list[tuple[float, ...]], axes: tuple[str, ...]) -> dict:
+    return {
+        "name": name,
+        "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in axes],
+        "datasets": [
+            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in sc]}]}
+            for i, sc in enumerate(scales_mm)
+        ],
+    }
+
+
+def create_ome_zarr_image(
+    path: str | os.PathLike,
+    shape: tuple[int, ...],
+    scale_mm: tuple[float, ...],
+    *,
+    chunks: tuple[int, ...],
+    shards: tuple[int, ...] | None = None,
+    dtype=np.float32,
+    compression: str = "blosc-lz4",
+    name: str | None = None,
+    attributes: dict | None = None,
+    axes: tuple[str, ...] = ("z", "y", "x"),
+) -> zarr.Array:
+    """Create a one-level NGFF 0.5 image (zarr v3) with array ``0`` and return that array for writing.
+
+    Parameters
+    ----------
+    shape, chunks, shards : tuple of int
+        Array geometry; ``shards`` (a multiple of ``chunks``) enables the zarr v3 sharding codec.
+    scale_mm : tuple of float
+        Voxel size per axis in millimetres.
+    attributes : dict, optional
+        Extra group attributes (kept beside the ``ome`` key).
+    """
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or path.name, [scale_mm], axes)]}}
+    if attributes:
+        attrs.update(attributes)
+    group.attrs.update(attrs)
+    return group.create_array(
+        "0",
+        shape=shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=dtype,
+        compressors=compressors_for(compression),
+        fill_value=0,
+        dimension_names=list(axes),
+    )
+
+
+@dataclass
+class OmeZarrImage:
+    """A multiscale OME-Zarr image opened lazily.
+
+    Attributes
+    ----------
+    path : Path
+    levels : list of zarr.Array
+        Resolution levels, finest first.
+    scales_mm : list of tuple
+        Voxel size of each level per axis, in millimetres (legacy micrometre files converted).
+    axes : tuple of str
+    version : str
+        NGFF version (``"0.4"`` or ``"0.5"``).
+    attributes : dict
+        Group attributes other than the NGFF metadata.
+    """
+
+    path: Path
+    levels: list
+    scales_mm: list[tuple[float, ...]]
+    axes: tuple[str, ...]
+    version: str
+    name: str = ""
+    attributes: dict = field(default_factory=dict)
+
+    def as_dask(self, level: int = 0) -> da.Array:
+        """Level ``level`` as a dask array chunked like the zarr array."""
+        arr = self.levels[level]
+        return da.from_zarr(arr, chunks=arr.chunks)
+
+    def pyramid(self) -> list[da.Array]:
+        """All levels as dask arrays (what napari wants for a multiscale layer)."""
+        return [self.as_dask(i) for i in range(len(self.levels))]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.levels[0].shape)
+
+
+def _read_group_attrs(path: Path) -> tuple[dict, int] | None:
+    v3 = path / "zarr.json"
+    if v3.is_file():
+        meta = json.loads(v3.read_text())
+        if meta.get("node_type") != "group":
+            return None
+        return meta.get("attributes", {}), 3
+    v2 = path / ".zattrs"
+    if v2.is_file():
+        return json.loads(v2.read_text()), 2
+    return None
+
+
+def is_ome_zarr(path: str | os.PathLike) -> bool:
+    """Cheap check (one small JSON read) that ``path`` is an OME-Zarr multiscale image group."""
+    path = Path(path)
+    try:
+        found = _read_group_attrs(path) if path.is_dir() else None
+    except (OSError, ValueError):
+        return False
+    if not found:
+        return False
+    attrs, _ = found
+    return "multiscales" in attrs.get("ome", attrs)
+
+
+def open_ome_zarr(path: str | os.PathLike) -> OmeZarrImage:
+    """Open an OME-Zarr multiscale image (NGFF 0.4 on zarr v2 or 0.5 on zarr v3) without reading data.
+
+    Scales are returned in millimetres. Files without axis units follow the lab rule: a first scale below 1
+    means millimetres, otherwise micrometres.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not an OME-Zarr multiscale image, naming what is missing.
+    """
+    path = Path(path)
+    found = _read_group_attrs(path) if path.is_dir() else None
+    if not found:
+        raise ValueError(f"{path}: not a zarr group (no zarr.json or .zattrs)")
+    attrs, zarr_format = found
+    ome = attrs.get("ome", attrs)
+    if "multiscales" not in ome:
+        raise ValueError(f"{path}: zarr group without OME-NGFF 'multiscales' metadata")
+    ms = ome["multiscales"][0]
+    version = str(ome.get("version", ms.get("version", "0.4")))
+    group = zarr.open_group(str(path), mode="r", zarr_format=zarr_format)
+    # NGFF 0.3 and older have no axes: assume the trailing letters of tczyx.
+    axes_meta = ms.get("axes") or [{"name": n} for n in "tczyx"[-group[ms["datasets"][0]["path"]].ndim :]]
+    axes = tuple(a["name"] if isinstance(a, dict) else str(a) for a in axes_meta)
+    units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta]
+    levels, scales = [], []
+    for ds in ms["datasets"]:
+        arr = group[ds["path"]]
+        scale = [1.0] * arr.ndim
+        for t in ds.get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                scale = [float(s) for s in t["scale"]]
+        for i, unit in enumerate(units):
+            if unit in _UNIT_TO_MM:
+                scale[i] *= _UNIT_TO_MM[unit]
+            elif unit is None and axes[i] in "zyx":
+                # Legacy unit-less files: lab convention, scale < 1 means mm, else um.
+                scale[i] = scale[i] if scale[-1] < 1 else scale[i] * 1e-3
+        levels.append(arr)
+        scales.append(tuple(scale))
+    extra = {k: v for k, v in attrs.items() if k not in ("ome", "multiscales", "omero")}
+    return OmeZarrImage(
+        path=path,
+        levels=levels,
+        scales_mm=scales,
+        axes=axes,
+        version=version,
+        name=ms.get("name", path.name),
+        attributes=extra,
+    )

@@ -1,0 +1,156 @@
+"""A dock widget generated from a step declaration: inputs, parameters, Run/Cancel, progress, result layers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from magicgui.widgets import (
+    CheckBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    create_widget,
+)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+
+from .._layers import stacked_ome_zarr_layer
+from ..pipeline.steps import Step
+from ..processing.params import ParamInfo, params_from_mapping
+from ..processing.progress import Cancelled
+
+__all__ = ["StepWidget"]
+
+_BIG = 1e12
+
+
+class _ProgressBridge(QObject):
+    """Carries progress from the worker thread to the main thread (queued Qt signal)."""
+
+    progressed = Signal(int, int, str)
+
+
+def _param_widget(info: ParamInfo):
+    options: dict = {"tooltip": info.help + (f" [{info.unit}]" if info.unit else "")}
+    if info.choices:
+        options["choices"] = list(info.choices)
+    elif info.type in (int, float):
+        options["min"] = info.min if info.min is not None else -_BIG
+        options["max"] = info.max if info.max is not None else _BIG
+        if info.type is float:
+            options["step"] = 0.01
+    label = info.name.replace("_", " ")
+    widget = create_widget(value=info.default, annotation=info.type, name=info.name, label=label, options=options)
+    widget.tooltip = options["tooltip"]
+    return widget
+
+
+class StepWidget(Container):
+    """Dock widget for one :class:`~napari_soct.pipeline.steps.Step`.
+
+    The step runs in a napari thread worker; the viewer is touched only from the main thread (in the
+    worker's ``returned`` handler).
+    """
+
+    def __init__(self, step: Step, napari_viewer=None):
+        super().__init__(labels=True)
+        self.step = step
+        self.viewer = napari_viewer
+        self.input_widgets = {}
+        for inp in step.inputs:
+            mode = {"dir": "d", "out_dir": "d", "file": "r"}[inp.mode]
+            w = FileEdit(name=inp.name, label=inp.name.replace("_", " "), mode=mode)
+            w.tooltip = inp.help
+            self.input_widgets[inp.name] = w
+        self.param_widgets = {info.name: _param_widget(info) for info in step.param_infos}
+        self._advanced = {i.name for i in step.param_infos if i.advanced}
+        self.show_advanced = CheckBox(value=False, label="advanced", name="show_advanced")
+        self.run_button = PushButton(text="Run", name="run")
+        self.cancel_button = PushButton(text="Cancel", name="cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, name="progress", label="progress")
+        self.status = Label(value=step.help, name="status", label="")
+        self.extend([*self.input_widgets.values(), *self.param_widgets.values(), self.show_advanced,
+                     self.run_button, self.cancel_button, self.progress, self.status])
+        self._set_advanced_visible(False)
+        self.show_advanced.changed.connect(self._set_advanced_visible)
+        self.run_button.changed.connect(self.start)
+        self.cancel_button.changed.connect(self.cancel)
+        self._bridge = _ProgressBridge()
+        self._bridge.progressed.connect(self._on_progress)
+        self._cancel_event = threading.Event()
+        self.worker = None
+        self.result = None
+
+    def _set_advanced_visible(self, visible: bool) -> None:
+        for name in self._advanced:
+            self.param_widgets[name].visible = bool(visible)
+
+    def params(self):
+        """The step's parameter dataclass from the widget values (validated; errors name the parameter)."""
+        return params_from_mapping(self.step.params, {n: w.value for n, w in self.param_widgets.items()})
+
+    def inputs(self) -> list[Path]:
+        paths = []
+        for inp in self.step.inputs:
+            value = Path(self.input_widgets[inp.name].value)
+            if str(value) in ("", "."):
+                raise ValueError(f"choose the {inp.name.replace('_', ' ')} ({inp.help})")
+            paths.append(value)
+        return paths
+
+    def start(self, *_):
+        """Validate and run the step in a thread worker."""
+        try:
+            params, inputs = self.params(), self.inputs()
+        except ValueError as err:
+            self.status.value = f"error: {err}"
+            show_error(str(err))
+            return None
+        self._cancel_event.clear()
+        emit = self._bridge.progressed.emit
+        self.worker = create_worker(
+            self.step.run, *inputs, params=params, progress=lambda d, t, m: emit(d, t, m),
+            cancel=self._cancel_event, _start_thread=False,
+        )
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.progress.value = 0
+        self.status.value = f"running {self.step.title}..."
+        self.worker.start()
+        return self.worker
+
+    def cancel(self, *_):
+        self._cancel_event.set()
+        self.status.value = "cancelling..."
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = min(done, max(total, 1))
+        self.status.value = message
+
+    def _on_returned(self, result) -> None:
+        self.result = result
+        self.status.value = self.step.summary(result).splitlines()[0]
+        images = self.step.images(result)
+        if self.viewer is not None and images:
+            from napari.layers import Layer
+
+            data, kwargs, kind = stacked_ome_zarr_layer(images, f"{self.step.name}: {Path(images[0]).parent.name}")
+            self.viewer.add_layer(Layer.create(data, kwargs, kind))
+        show_info(self.status.value)
+
+    def _on_error(self, err: Exception) -> None:
+        if isinstance(err, Cancelled):
+            self.status.value = "cancelled; partial outputs removed"
+            return
+        self.status.value = f"error: {err}"
+        show_error(f"{self.step.title}: {err}")
+
+    def _on_finished(self) -> None:
+        self.run_button.enabled, self.cancel_button.enabled = True, False
