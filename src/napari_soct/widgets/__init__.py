@@ -1,11 +1,16 @@
-"""Dock widgets, one per registered step, generated from the step declarations."""
+"""Dock widgets, one per registered step, generated from the step declarations.
+
+napari finds the viewer argument by inspecting ``__init__``, so each contribution is a small class.
+"""
 
 from ..pipeline.steps import get_step
 from ._step_widget import StepWidget
 
-__all__ = ["StepWidget", "preprocess_widget"]
+__all__ = ["StepWidget", "PreprocessWidget"]
 
 
-def preprocess_widget(napari_viewer=None) -> StepWidget:
+class PreprocessWidget(StepWidget):
     """Dock widget of the preprocessing step."""
-    return StepWidget(get_step("preprocess"), napari_viewer)
+
+    def __init__(self, napari_viewer=None):
+        super().__init__(get_step("preprocess"), napari_viewer)

@@ -112,13 +112,12 @@ class StepWidget(Container):
             return None
         self._cancel_event.clear()
         emit = self._bridge.progressed.emit
+        # Connecting `errored` here tells napari the error is handled (shown in the widget), not re-raised.
         self.worker = create_worker(
             self.step.run, *inputs, params=params, progress=lambda d, t, m: emit(d, t, m),
             cancel=self._cancel_event, _start_thread=False,
+            _connect={"returned": self._on_returned, "errored": self._on_error, "finished": self._on_finished},
         )
-        self.worker.returned.connect(self._on_returned)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.progress.value = 0
         self.status.value = f"running {self.step.title}..."

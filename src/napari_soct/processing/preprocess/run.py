@@ -65,7 +65,7 @@ class PreprocessParams:
         choices=("warn", "error"),
     )
     workers: int = param(2, "Slices processed in parallel (at most)", min=1, max=256)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=0.01, unit="GiB")
+    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB")
     if_exists: str = param(
         "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
         choices=IF_EXISTS_CHOICES,
@@ -126,9 +126,13 @@ def _estimate_slice_memory(acq: RawAcquisition, geometry: SliceGeometry, shard_t
     raw = info.expected_bytes
     tile = 4 * int(np.prod(info.shape))
     out_tile = 4 * int(np.prod(geometry.tile_shape))
-    block = out_tile * shard_tiles[0] * shard_tiles[1] if shard_tiles != (1, 1) else 0
-    # fromfile + repeat mean + roll + transposed copy, resampled tile, block buffer and its encoded copy.
-    return raw + 3 * tile + out_tile + 2 * block
+    block = out_tile * shard_tiles[0] * shard_tiles[1]
+    # fromfile + repeat mean + roll + transposed copy, resampled tile, block buffer and its encoded copy,
+    # slice-sized average projection and sections.
+    n_y, n_x = geometry.grid_shape
+    projections = 4 * n_y * n_x * (out_tile // 4 // geometry.tile_shape[0] + geometry.tile_shape[0] * 2 * max(
+        geometry.tile_shape[1:]))
+    return raw + 3 * tile + out_tile + 2 * block + projections
 
 
 def _shard_tiles(geometry: SliceGeometry, factor: int) -> tuple[int, int]:
