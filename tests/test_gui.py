@@ -72,11 +72,9 @@ def test_preprocess_widget_runs_and_adds_layers(make_napari_viewer, qtbot, raw, 
     widget.param_widgets["sharding_factor"].value = 0
     progress_seen = []
     widget._bridge.progressed.connect(lambda d, t, m: progress_seen.append((d, t)))
-    worker = widget.start()
-    assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
-    qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=10_000)
+    assert widget.start() is not None
+    assert not widget.run_button.enabled  # running
+    qtbot.waitUntil(lambda: len(viewer.layers) == 1 and widget.run_button.enabled, timeout=60_000)
     layer = viewer.layers[0]
     assert layer.data.shape == (2, SHAPE[0], 2 * SHAPE[1], 2 * SHAPE[2])
     assert layer.scale[1:] == pytest.approx((3.5e-3, 0.02, 0.02))
@@ -102,9 +100,8 @@ def test_widget_error_is_shown(make_napari_viewer, qtbot, tmp_path):
     _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "Preprocess raw tiles")
     widget.input_widgets["raw_dir"].value = tmp_path
     widget.input_widgets["out_dir"].value = tmp_path / "out"
-    worker = widget.start()
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=30_000)
     assert "not a raw S-OCT acquisition" in widget.status.value
     assert len(viewer.layers) == 0
 

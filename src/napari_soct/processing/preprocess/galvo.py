@@ -23,6 +23,7 @@ CONTRAST_WEIGHT, SIGNIFICANT_WEIGHT, DEPTH_WEIGHT = 0.40, 0.35, 0.25
 SIGNIFICANT_CONTRAST = 0.10
 FULL_DEPTH_CONTRAST = 0.30
 MAX_ROW_GROUPS = 20
+MIN_INFORMATIVE_CONFIDENCE = 0.3
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class GalvoDecision:
     applied : bool
         True when ``confidence >= threshold``.
     n_sampled, n_consistent : int
-        Tiles examined, and tiles agreeing with the best band start.
+        Tiles examined, and confident tiles agreeing with the chosen band start.
     """
 
     shift: int
@@ -88,12 +89,20 @@ def band_confidence(aip: np.ndarray, band_start: int, width: int) -> float:
     after = (band_start + width + np.arange(width)) % n_alines
     groups = np.array_split(np.arange(n_rows), min(MAX_ROW_GROUPS, n_rows))
     band_mean = np.array([aip[np.ix_(g, band)].mean() for g in groups])
-    around = np.array([aip[np.ix_(g, np.concatenate([before, after]))].mean() for g in groups])
+    left = np.array([aip[np.ix_(g, before)].mean() for g in groups])
+    right = np.array([aip[np.ix_(g, after)].mean() for g in groups])
     # Ignore row groups without signal around the band (empty agarose, outside the sample).
+    around = np.minimum(left, right)
     keep = around > 0.05 * around.max() if around.max() > 0 else np.zeros_like(around, bool)
     if not keep.any():
         return 0.0
-    contrast = np.minimum(np.abs(around[keep] - band_mean[keep]) / around[keep], 1.0)
+    # The band must differ from both neighbours in the same direction (darker or brighter than both):
+    # a bright stretch beside a dark tissue boundary is not a band.
+    drop_left = (left[keep] - band_mean[keep]) / left[keep]
+    drop_right = (right[keep] - band_mean[keep]) / right[keep]
+    same_side = np.sign(drop_left) == np.sign(drop_right)
+    contrast = np.where(same_side, np.minimum(np.abs(drop_left), np.abs(drop_right)), 0.0)
+    contrast = np.minimum(contrast, 1.0)
     significant = contrast > SIGNIFICANT_CONTRAST
     c_contrast = float(contrast.mean())
     c_significant = float(significant.mean())
@@ -142,14 +151,23 @@ def decide_galvo_shift(
 ) -> GalvoDecision:
     """Combine the detections of a few tiles of one slice into one decision for the whole slice.
 
-    The best detection is penalised by ``sqrt(n_consistent / n_sampled)``, where ``n_consistent`` counts
-    tiles that found the same band start, and applied when the result reaches ``threshold``.
+    Tiles vote for a band start with their confidence; the winning start's best confidence is penalised by
+    ``sqrt(n_consistent / n_informative)``, where ``n_consistent`` counts the tiles that found it, and the fix
+    is applied when the result reaches ``threshold``. Tiles whose own confidence is below
+    ``MIN_INFORMATIVE_CONFIDENCE`` (a band lost against dark agarose at the sample edge) do not vote.
     """
-    if not detections:
-        return GalvoDecision(shift=0, band_start=-1, confidence=0.0, applied=False, n_sampled=0, n_consistent=0)
-    best = max(detections, key=lambda d: d.confidence)
-    n_consistent = sum(d.band_start == best.band_start for d in detections)
-    confidence = best.confidence * float(np.sqrt(n_consistent / len(detections)))
+    informative = [d for d in detections if d.confidence >= MIN_INFORMATIVE_CONFIDENCE]
+    if not informative:
+        return GalvoDecision(shift=0, band_start=-1, confidence=0.0, applied=False, n_sampled=len(detections),
+                             n_consistent=0)
+    votes: dict[int, float] = {}
+    for d in informative:
+        votes[d.band_start] = votes.get(d.band_start, 0.0) + d.confidence
+    winner = max(votes, key=votes.get)
+    agreeing = [d for d in informative if d.band_start == winner]
+    best = max(agreeing, key=lambda d: d.confidence)
+    n_consistent = len(agreeing)
+    confidence = best.confidence * float(np.sqrt(n_consistent / len(informative)))
     applied = confidence >= threshold
     return GalvoDecision(
         shift=best.shift if applied else 0,
