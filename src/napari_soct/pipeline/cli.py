@@ -35,14 +35,23 @@ def _add_param_option(parser: argparse.ArgumentParser, info: ParamInfo) -> None:
 
 
 class _ProgressPrinter:
-    """Prints progress to stderr at most every half second."""
+    """Prints progress to stderr: one updating line on a terminal, a line every 10 % in logs."""
 
     def __init__(self, label: str, quiet: bool = False):
-        self.label, self.quiet, self._last = label, quiet, 0.0
+        self.label, self.quiet, self._last, self._decile = label, quiet, 0.0, -1
+        self._tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int, message: str) -> None:
+        if self.quiet:
+            return
+        if not self._tty:
+            decile = 10 * done // max(total, 1)
+            if decile != self._decile:
+                self._decile = decile
+                print(f"{self.label}: {done}/{total} {message}", file=sys.stderr, flush=True)
+            return
         now = time.monotonic()
-        if self.quiet or (now - self._last < 0.5 and done < total):
+        if now - self._last < 0.5 and done < total:
             return
         self._last = now
         print(f"\r{self.label}: {done}/{total} {message[:60]:<60}", end="", file=sys.stderr, flush=True)

@@ -566,12 +566,11 @@ class SyntheticAcquisition:
                 "stage_z_mm": self.info(sid, 0, 0)["stage_z_pos_mm"],
                 "tiles": tiles,
             })
-        rx = self.voxel_size_um
         return {
             "format_version": _FORMAT_VERSION,
             "preset": c.preset, "seed": c.seed, "config": c.to_dict(),
             "slice_ids": self.slice_ids,
-            "voxel_size_um": list(rx),
+            "voxel_size_um": list(self.voxel_size_um),
             "tile_shape": list(self.tile_shape), "n_extra": c.n_extra, "n_repeat": c.n_repeat,
             "grid_shape": list(self.grid_shape),
             "tile_fov_mm": list(self.fov_mm), "tile_step_mm": list(self.step_mm), "overlap": c.overlap,
