@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import numpy as np
 import pytest
 import zarr
 
 from conftest import structured_tile, write_raw_tile
 from napari_soct.pipeline.cli import main
-from napari_soct.pipeline.config import defaults_toml, load_config
+from napari_soct.pipeline.config import defaults_toml, load_config, tomllib
 from napari_soct.pipeline.steps import STEPS
 from napari_soct.processing.params import param_infos
 from napari_soct.processing.preprocess import PreprocessParams
@@ -89,3 +87,17 @@ def test_cli_help_lists_every_parameter(capsys):
     text = capsys.readouterr().out
     for info in param_infos(PreprocessParams):
         assert "--" + info.name.replace("_", "-") in text
+
+
+def test_cli_synth_and_demo(tmp_path, capsys):
+    from napari_soct.processing.synthetic import SyntheticAcquisition
+
+    assert main(["synth", str(tmp_path / "s"), "--preset", "tiny", "--seed", "2", "--quiet"]) == 0
+    acq = SyntheticAcquisition.load(tmp_path / "s")
+    assert acq.config.seed == 2 and len(acq.slice_ids) == 3
+    assert str(acq.raw_dir) in capsys.readouterr().out
+    assert main(["demo", str(tmp_path / "d"), "--preset", "tiny", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 mosaic grid(s) written" in printed
+    grids = sorted((tmp_path / "d" / "preprocess").glob("mosaic_grid_3d_z*.ome.zarr"))
+    assert len(grids) == 3 and str(grids[0]) in printed

@@ -127,3 +127,31 @@ def test_sample_data_and_ome_zarr_reader(make_napari_viewer, tmp_path):
     (image,) = viewer.open(result.mosaic_paths[0], plugin="napari-soct")
     assert image.data.shape == (tz, acq.grid_shape[0] * ty, acq.grid_shape[1] * tx)
     assert image.scale == pytest.approx(tuple(v * 1e-3 for v in acq.voxel_size_um))
+
+
+def test_widget_cancel_removes_partial_outputs(make_napari_viewer, qtbot, raw, tmp_path, monkeypatch):
+    import time
+
+    from napari_soct.processing.preprocess import run
+
+    real = run.read_corrected_tile
+
+    def slow(*args, **kwargs):  # make the run long enough to cancel mid-way
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "read_corrected_tile", slow)
+    root, _ = raw
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "Preprocess raw tiles")
+    widget.input_widgets["raw_dir"].value = root
+    widget.input_widgets["out_dir"].value = tmp_path / "out"
+    widget.param_widgets["workers"].value = 1
+    widget._bridge.progressed.connect(lambda *_: widget.cancel_button.clicked.emit())
+    widget.start()
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=30_000)
+    assert widget.status.value.startswith("cancelled")
+    assert widget.progress.value < widget.progress.max
+    assert len(viewer.layers) == 0
+    left = list((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert not [p for p in left if p.name.startswith(".") or p.name.endswith(".csv")]

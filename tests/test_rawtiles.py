@@ -189,3 +189,24 @@ def test_opening_reads_no_pixel_data(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         acq = open_raw_acquisition(tmp_path)
     assert acq.n_tiles == 3 and calls == []
+
+
+def test_legacy_orientation_swaps_and_reverses_lateral_axes(tmp_path):
+    tile = structured_tile(SHAPE, 4)
+    want = write_raw_tile(tmp_path / "tile_x00_y00_z00", tile)
+    got = open_raw_acquisition(tmp_path).tile(0, 0, 0).read(legacy_orientation=True)
+    assert got.shape == (SHAPE[0], SHAPE[2], SHAPE[1])
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1)[:, ::-1, ::-1], rtol=1e-6)
+
+
+def test_camera_shift_rolls_saturated_aline_first(tmp_path):
+    tile = structured_tile(SHAPE, 5)
+    tile[:, :, 17] += 50.0  # over-exposed A-line at index 17
+    write_raw_tile(tmp_path / "tile_x00_y00_z00", tile, n_extra=6)
+    got = open_raw_acquisition(tmp_path).tile(0, 0, 0).read(camera_shift=True)
+    # A-line 17 is now first; its saturated first depth sample is replaced by the next one.
+    np.testing.assert_allclose(got[1:, :, 0], tile[1:, :, 17], rtol=1e-6)
+    np.testing.assert_allclose(got[0, :, 0], tile[1, :, 17], rtol=1e-6)
+    np.testing.assert_allclose(got[:, :, 1:5], tile[:, :, 18:22], rtol=1e-6)
+    off = open_raw_acquisition(tmp_path).tile(0, 0, 0).read()
+    np.testing.assert_allclose(off, tile, rtol=1e-6)

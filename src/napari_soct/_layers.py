@@ -30,6 +30,16 @@ def contrast_limits_of(sample: np.ndarray) -> list[float]:
     return [float(lo), float(hi if hi > lo else lo + 1)]
 
 
+def _stack_padded(arrays: list[da.Array]) -> da.Array:
+    """Stack along a new first axis; smaller arrays (a slice with a smaller tile grid) are zero-padded at the
+    end, lazily, so the stack has one shape."""
+    full = tuple(max(a.shape[i] for a in arrays) for i in range(arrays[0].ndim))
+    return da.stack([
+        a if a.shape == full else da.pad(a, [(0, f - s) for f, s in zip(full, a.shape)], mode="constant")
+        for a in arrays
+    ])
+
+
 def _tile_grid_layer(acq: RawAcquisition, tile_shape, voxel_size_um, name: str):
     """The tile grid as rectangles (one per grid position present in any slice), stage positions as features."""
     _, ty, tx = tile_shape
@@ -70,14 +80,7 @@ def raw_acquisition_layers(path, acq: RawAcquisition | None = None, *, fix_galvo
     acq = acq or open_raw_acquisition(path)
     ids = acq.slice_ids
     geometry = slice_geometry(acq, ids[0])
-    mosaics = [lazy_raw_mosaic(acq, sid, fix_galvo=fix_galvo) for sid in ids]
-    full = tuple(max(m.shape[i] for m in mosaics) for i in range(3))
-    # Slices whose grid is smaller are padded with zeros (lazily) so the stack has one shape.
-    mosaics = [
-        m if m.shape == full else da.pad(m, [(0, f - s) for f, s in zip(full, m.shape)], mode="constant")
-        for m in mosaics
-    ]
-    stack = da.stack(mosaics)
+    stack = _stack_padded([lazy_raw_mosaic(acq, sid, fix_galvo=fix_galvo) for sid in ids])
     vz, vy, vx = geometry.voxel_size_um
     sample = central_tiles(acq, ids[0], 1)[0].read(check_finite=False)
     name = Path(acq.root).name
@@ -113,8 +116,9 @@ def _contrast_sample(levels) -> np.ndarray:
     return np.asarray(coarsest[tuple(slice(a, a + c) for a, c in zip(start, chunk))])
 
 
-def ome_zarr_layers(path) -> list[tuple]:
-    """One image layer for an OME-Zarr image (multiscale when it has several levels), scale in mm."""
+def ome_zarr_layers(path, kind: str = "image") -> list[tuple]:
+    """One layer (``kind`` "image" or "labels") for an OME-Zarr image, multiscale when it has several
+    levels, scale in mm."""
     image = open_ome_zarr(path)
     pyramid = image.pyramid()
     scale = image.scales_mm[0]
@@ -124,32 +128,27 @@ def ome_zarr_layers(path) -> list[tuple]:
         "scale": scale,
         "units": units,
         "axis_labels": image.axes,
-        "contrast_limits": contrast_limits_of(_contrast_sample(image.levels)),
         "multiscale": len(pyramid) > 1,
         "metadata": {"source": str(path), "ngff_version": image.version, **image.attributes},
     }
-    return [(pyramid if len(pyramid) > 1 else pyramid[0], kwargs, "image")]
+    if kind == "image":
+        kwargs["contrast_limits"] = contrast_limits_of(_contrast_sample(image.levels))
+    return [(pyramid if len(pyramid) > 1 else pyramid[0], kwargs, kind)]
 
 
-def stacked_ome_zarr_layer(paths, name: str) -> tuple:
+def stacked_ome_zarr_layer(paths, name: str, kind: str = "image") -> tuple:
     """Several same-kind OME-Zarr images (e.g. one mosaic grid per slice) as one lazy image with a leading
     slice axis; smaller images are zero-padded at the end. Scale from the first image.
     """
     images = [open_ome_zarr(p) for p in paths]
-    arrays = [im.as_dask(0) for im in images]
-    full = tuple(max(a.shape[i] for a in arrays) for i in range(arrays[0].ndim))
-    arrays = [
-        a if a.shape == full else da.pad(a, [(0, f - s) for f, s in zip(full, a.shape)], mode="constant")
-        for a in arrays
-    ]
     first = images[0]
-    sample = _contrast_sample(first.levels)
     kwargs = {
         "name": name,
         "scale": (1.0, *first.scales_mm[0]),
         "units": ("pixel", *("mm" if a in "zyx" else "pixel" for a in first.axes)),
         "axis_labels": ("slice", *first.axes),
-        "contrast_limits": contrast_limits_of(sample),
         "metadata": {"sources": [str(p) for p in paths]},
     }
-    return (da.stack(arrays), kwargs, "image")
+    if kind == "image":
+        kwargs["contrast_limits"] = contrast_limits_of(_contrast_sample(first.levels))
+    return (_stack_padded([im.as_dask(0) for im in images]), kwargs, kind)

@@ -82,8 +82,10 @@ def _step_params(step: Step, args: argparse.Namespace):
 
 
 def _run_step(step: Step, args: argparse.Namespace) -> int:
+    from ..processing.io.images import open_image
+
     params = _step_params(step, args)
-    inputs = [getattr(args, inp.name) for inp in step.inputs]
+    inputs = [open_image(getattr(args, i.name)) if i.is_array else getattr(args, i.name) for i in step.inputs]
     result = step.run(*inputs, params=params, progress=_ProgressPrinter(step.name, args.quiet))
     print(step.summary(result))
     return 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from ..processing.params import params_from_mapping
 from .steps import STEPS, Step

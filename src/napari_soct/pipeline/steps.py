@@ -16,7 +16,9 @@ from pathlib import Path
 from ..processing.params import ParamInfo, param_infos
 from ..processing.preprocess import PreprocessParams, PreprocessResult, preprocess_acquisition
 
-__all__ = ["Input", "Step", "STEPS", "register", "get_step"]
+__all__ = ["Input", "Step", "STEPS", "register", "get_step", "INPUT_MODES"]
+
+INPUT_MODES = ("dir", "file", "out_dir", "out_file", "image", "labels")
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,24 @@ class Input:
     name : str
         Argument name of the step function.
     help : str
-    mode : {"dir", "file", "out_dir"}
-        Existing folder, existing file, or a folder to create.
+    mode : {"dir", "file", "out_dir", "out_file", "image", "labels"}
+        Existing folder, existing file, folder or file to create; or an array input: the step receives an
+        :class:`~napari_soct.processing.io.images.ImageData`, from a layer in napari or from a path
+        (OME-Zarr, zarr, TIFF, .npy) on the command line.
     """
 
     name: str
     help: str
     mode: str = "dir"
+
+    def __post_init__(self):
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"Input {self.name!r}: mode must be one of {INPUT_MODES}, got {self.mode!r}")
+
+    @property
+    def is_array(self) -> bool:
+        """True for inputs given as layers in napari (image or labels)."""
+        return self.mode in ("image", "labels")
 
 
 @dataclass(frozen=True)
@@ -54,8 +67,9 @@ class Step:
     params : type
         Parameter dataclass (fields built with :func:`~napari_soct.processing.params.param`).
     inputs : tuple of Input
-    images : callable
-        ``images(result) -> list[Path]``: OME-Zarr images to show after a run.
+    outputs : callable
+        ``outputs(result) -> list[(Path, kind)]``: OME-Zarr images to show after a run, ``kind`` being
+        ``"image"`` or ``"labels"``; several of one kind are shown as one stack.
     summary : callable
         ``summary(result) -> str``: what was produced, for the CLI and the widget status line.
     """
@@ -66,7 +80,7 @@ class Step:
     function: Callable
     params: type
     inputs: tuple[Input, ...]
-    images: Callable[[object], list[Path]]
+    outputs: Callable[[object], list[tuple[Path, str]]]
     summary: Callable[[object], str]
 
     @property
@@ -130,7 +144,7 @@ register(
             Input("raw_dir", "Raw acquisition folder (tile_x*_y*_z* folders, flat or under z*/)", "dir"),
             Input("out_dir", "Output folder for mosaic grids and tables", "out_dir"),
         ),
-        images=lambda result: result.mosaic_paths,
+        outputs=lambda result: [(p, "image") for p in result.mosaic_paths],
         summary=_preprocess_summary,
     )
 )

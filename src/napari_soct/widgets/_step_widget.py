@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import napari
 from magicgui.widgets import (
     CheckBox,
     Container,
@@ -18,8 +19,9 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from .._layers import stacked_ome_zarr_layer
+from .._layers import ome_zarr_layers, stacked_ome_zarr_layer
 from ..pipeline.steps import Step
+from ..processing.io.images import ImageData
 from ..processing.params import ParamInfo, params_from_mapping
 from ..processing.progress import Cancelled
 
@@ -62,8 +64,13 @@ class StepWidget(Container):
         self.viewer = napari_viewer
         self.input_widgets = {}
         for inp in step.inputs:
-            mode = {"dir": "d", "out_dir": "d", "file": "r"}[inp.mode]
-            w = FileEdit(name=inp.name, label=inp.name.replace("_", " "), mode=mode)
+            label = inp.name.replace("_", " ")
+            if inp.is_array:
+                layer_type = napari.layers.Labels if inp.mode == "labels" else napari.layers.Image
+                w = create_widget(annotation=layer_type, name=inp.name, label=label)
+            else:
+                mode = {"dir": "d", "out_dir": "d", "file": "r", "out_file": "w"}[inp.mode]
+                w = FileEdit(name=inp.name, label=label, mode=mode)
             w.tooltip = inp.help
             self.input_widgets[inp.name] = w
         self.param_widgets = {info.name: _param_widget(info) for info in step.param_infos}
@@ -93,14 +100,23 @@ class StepWidget(Container):
         """The step's parameter dataclass from the widget values (validated; errors name the parameter)."""
         return params_from_mapping(self.step.params, {n: w.value for n, w in self.param_widgets.items()})
 
-    def inputs(self) -> list[Path]:
-        paths = []
+    def inputs(self) -> list:
+        """The step's inputs: paths, or :class:`ImageData` for layer inputs (layer data stay lazy)."""
+        values = []
         for inp in self.step.inputs:
-            value = Path(self.input_widgets[inp.name].value)
+            value = self.input_widgets[inp.name].value
+            label = inp.name.replace("_", " ")
+            if inp.is_array:
+                if value is None:
+                    raise ValueError(f"choose the {label} layer ({inp.help})")
+                data = value.data[0] if getattr(value, "multiscale", False) else value.data
+                values.append(ImageData(data, tuple(value.scale), value.name, metadata=dict(value.metadata)))
+                continue
+            path = Path(value)
             if str(value) in ("", "."):
-                raise ValueError(f"choose the {inp.name.replace('_', ' ')} ({inp.help})")
-            paths.append(value)
-        return paths
+                raise ValueError(f"choose the {label} ({inp.help})")
+            values.append(path)
+        return values
 
     def start(self, *_):
         """Validate and run the step in a thread worker."""
@@ -136,13 +152,21 @@ class StepWidget(Container):
     def _on_returned(self, result) -> None:
         self.result = result
         self.status.value = self.step.summary(result).splitlines()[0]
-        images = self.step.images(result)
-        if self.viewer is not None and images:
-            from napari.layers import Layer
-
-            data, kwargs, kind = stacked_ome_zarr_layer(images, f"{self.step.name}: {Path(images[0]).parent.name}")
-            self.viewer.add_layer(Layer.create(data, kwargs, kind))
+        if self.viewer is not None:
+            for data, kwargs, kind in self._output_layers(result):
+                self.viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
         show_info(self.status.value)
+
+    def _output_layers(self, result) -> list[tuple]:
+        """Layer data of the step's outputs; several outputs of one kind become one stack."""
+        layers = []
+        for kind in ("image", "labels"):
+            paths = [p for p, k in self.step.outputs(result) if k == kind]
+            if len(paths) > 1:
+                layers.append(stacked_ome_zarr_layer(paths, f"{self.step.name}: {Path(paths[0]).parent.name}", kind))
+            elif paths:
+                layers.extend(ome_zarr_layers(paths[0], kind))
+        return layers
 
     def _on_error(self, err: Exception) -> None:
         if isinstance(err, Cancelled):

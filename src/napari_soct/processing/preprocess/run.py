@@ -17,6 +17,7 @@ from ..io.atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
 from ..io.omezarr import COMPRESSION_CHOICES, create_ome_zarr_image
 from ..io.rawtiles import BadTileWarning, RawAcquisition, RawFormatError, open_raw_acquisition
 from ..io.tables import SliceConfigRow, write_shifts_xy, write_slice_config
+from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Cancelled, Progress, ProgressCallback
 from .galvo import GalvoDecision
@@ -121,18 +122,20 @@ class _StopFlag:
 
 
 def _estimate_slice_memory(acq: RawAcquisition, geometry: SliceGeometry, shard_tiles: tuple[int, int]) -> int:
-    """Bytes one slice worker holds at once: a raw tile with its copies, plus the shard being assembled."""
-    info = acq.tile_info
-    raw = info.expected_bytes
-    tile = 4 * int(np.prod(info.shape))
+    """Upper bound of the bytes one slice worker holds at once (measured in docs/benchmarks.md).
+
+    A raw tile as read, the corrected tile and its resampled copy; the block of tiles written as one shard
+    and about three times its size while zarr encodes it (bytes, compressed chunks, the assembled shard);
+    the slice-sized average projection and sections.
+    """
+    raw = acq.tile_info.expected_bytes
+    tile = 4 * int(np.prod(acq.tile_info.shape))
     out_tile = 4 * int(np.prod(geometry.tile_shape))
     block = out_tile * shard_tiles[0] * shard_tiles[1]
-    # fromfile + repeat mean + roll + transposed copy, resampled tile, block buffer and its encoded copy,
-    # slice-sized average projection and sections.
+    tz, ty, tx = geometry.tile_shape
     n_y, n_x = geometry.grid_shape
-    projections = 4 * n_y * n_x * (out_tile // 4 // geometry.tile_shape[0] + geometry.tile_shape[0] * 2 * max(
-        geometry.tile_shape[1:]))
-    return raw + 3 * tile + out_tile + 2 * block + projections
+    projections = 4 * (n_y * ty * n_x * tx + tz * (n_y * ty + n_x * tx))
+    return raw + tile + out_tile + 4 * block + projections
 
 
 def _shard_tiles(geometry: SliceGeometry, factor: int) -> tuple[int, int]:
@@ -308,6 +311,7 @@ def preprocess_acquisition(
     if overrides:
         params = replace(params, **overrides)
     validate_params(params)
+    return_large_buffers_to_os()
     started = time.perf_counter()
     out_dir = Path(out_dir)
     acq = open_raw_acquisition(
