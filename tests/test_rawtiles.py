@@ -14,6 +14,7 @@ from napari_soct.processing.io.rawtiles import (
     is_raw_acquisition,
     open_raw_acquisition,
     parse_info_txt,
+    read_raw_frames,
 )
 from napari_soct.processing.preprocess.galvo import detect_galvo_band
 from napari_soct.processing.preprocess.mosaic import galvo_decision_for_slice
@@ -210,3 +211,11 @@ def test_camera_shift_rolls_saturated_aline_first(tmp_path):
     np.testing.assert_allclose(got[:, :, 1:5], tile[:, :, 18:22], rtol=1e-6)
     off = open_raw_acquisition(tmp_path).tile(0, 0, 0).read()
     np.testing.assert_allclose(off, tile, rtol=1e-6)
+
+
+def test_reading_a_subset_of_bscans_across_files(tmp_path):
+    write_raw_tile(tmp_path / "tile_x00_y00_z00", structured_tile(SHAPE, 6), n_repeat=2, n_files=3, band_start=4)
+    tile = open_raw_acquisition(tmp_path).tile(0, 0, 0)
+    full = read_raw_frames(tile)
+    subset = np.array([0, 6, 7, 13, 19])  # B-scans in each of the three files
+    np.testing.assert_array_equal(read_raw_frames(tile, subset), full[subset])

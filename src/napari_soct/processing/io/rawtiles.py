@@ -295,19 +295,51 @@ def _read_frames(tile: RawTile) -> np.ndarray:
     return data.reshape(info.ny, info.n_repeat, info.n_alines, info.n_z)
 
 
-def read_raw_frames(tile: RawTile) -> np.ndarray:
-    """Read a tile's ``image_*.bin`` files and average repeats.
+def read_raw_frames(tile: RawTile, bscans: np.ndarray | None = None) -> np.ndarray:
+    """Read a tile's B-scans (all, or a subset) with repeats averaged, before the galvo crop.
+
+    Parameters
+    ----------
+    bscans : array of int, optional
+        B-scan indices to read; only their bytes are read from disk (galvo detection needs a few dozen).
 
     Returns
     -------
     numpy.ndarray
-        ``(ny, n_alines, n_z)`` float32, before galvo crop. This is the on-disk (Fortran) array seen in C
-        order, so no transposing copy is made here.
+        ``(n_bscans, n_alines, n_z)`` float32: the on-disk (Fortran) array seen in C order, no transposing copy.
     """
-    frames = _read_frames(tile)
-    if tile.info.n_repeat == 1:
+    info = tile.info
+    if bscans is None:
+        frames = _read_frames(tile)
+    else:
+        frames = _read_selected_frames(tile, np.asarray(bscans, dtype=np.int64))
+    if info.n_repeat == 1:
         return frames[:, 0]
     return frames.mean(axis=1, dtype=np.float32)
+
+
+def _read_selected_frames(tile: RawTile, bscans: np.ndarray) -> np.ndarray:
+    """Only the frames of some B-scans, as ``(len(bscans), n_repeat, n_alines, n_z)``, via memory maps."""
+    info = tile.info
+    frame_size = info.n_alines * info.n_z
+    maps, first_frame = [], []
+    start = 0
+    for f in tile.bin_files:
+        n = f.stat().st_size // (4 * frame_size)
+        maps.append(np.memmap(f, dtype="<f4", mode="r", shape=(n, info.n_alines, info.n_z)))
+        first_frame.append(start)
+        start += n
+    if start != info.ny * info.n_repeat:
+        raise RawFormatError(
+            f"{tile.path}: image data hold {start} frames, info.txt says ny*n_repeat = "
+            f"{info.ny * info.n_repeat}"
+        )
+    frames = (bscans[:, None] * info.n_repeat + np.arange(info.n_repeat)).ravel()
+    which = np.searchsorted(first_frame, frames, side="right") - 1
+    out = np.empty((frames.size, info.n_alines, info.n_z), np.float32)
+    for i, (fi, frame) in enumerate(zip(which, frames)):
+        out[i] = maps[fi][frame - first_frame[fi]]
+    return out.reshape(bscans.size, info.n_repeat, info.n_alines, info.n_z)
 
 
 def _fix_camera_shift(frames: np.ndarray) -> np.ndarray:
