@@ -102,3 +102,26 @@ def test_atomic_output_keeps_old_result_on_failure(tmp_path):
     write_slice_config(tmp_path / "c.csv", [SliceConfigRow(0)])
     with pytest.raises(OutputExistsError, match="c.csv"):
         write_slice_config(tmp_path / "c.csv", [SliceConfigRow(0)])
+
+
+def test_pyramid_written_in_one_pass(tmp_path):
+    from napari_soct.processing.io.omezarr import create_ome_zarr_pyramid
+
+    rng = np.random.default_rng(1)
+    data = rng.random((3, 37, 50), dtype=np.float32)  # odd sizes: edge blocks end at the array edge
+    writer = create_ome_zarr_pyramid(tmp_path / "p.ome.zarr", data.shape, (0.004, 0.01, 0.01), chunks=(3, 16, 16),
+                                     n_levels=3)
+    for y0 in range(0, 37, 16):
+        for x0 in range(0, 50, 24):
+            region = (slice(None), slice(y0, min(y0 + 16, 37)), slice(x0, min(x0 + 24, 50)))
+            writer.write(region, data[region])
+    with pytest.raises(ValueError, match="aligned"):
+        writer.write((slice(None), slice(2, 10), slice(0, 8)), data[:, 2:10, :8])
+    image = open_ome_zarr(tmp_path / "p.ome.zarr")
+    assert [lvl.shape for lvl in image.levels] == [(3, 37, 50), (3, 19, 25), (3, 10, 13)]
+    assert image.scales_mm[2] == pytest.approx((0.004, 0.04, 0.04))
+    np.testing.assert_array_equal(image.levels[0][...], data)
+    # Level 1 is the 2x2 mean of level 0 (edge replicated), independent of how the blocks were cut.
+    padded = np.pad(data, ((0, 0), (0, 1), (0, 0)), mode="edge")
+    expected = padded.reshape(3, 19, 2, 25, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(image.levels[1][...], expected, rtol=1e-6)

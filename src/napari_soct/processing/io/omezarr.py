@@ -18,6 +18,9 @@ __all__ = [
     "open_ome_zarr",
     "is_ome_zarr",
     "compressors_for",
+    "create_ome_zarr_pyramid",
+    "PyramidWriter",
+    "pyramid_level_count",
 ]
 
 COMPRESSION_CHOICES = ("blosc-lz4", "zstd", "none")
@@ -205,3 +208,98 @@ def open_ome_zarr(path: str | os.PathLike) -> OmeZarrImage:
         name=ms.get("name", path.name),
         attributes=extra,
     )
+
+
+def pyramid_level_count(shape_yx: tuple[int, int], smallest: int = 256, max_levels: int = 6) -> int:
+    """Levels so the coarsest one is about ``smallest`` pixels on its shorter side (at least one level)."""
+    short = min(shape_yx)
+    levels = 1
+    while levels < max_levels and short / 2**levels >= smallest:
+        levels += 1
+    return levels
+
+
+def _halve_yx(block: np.ndarray) -> np.ndarray:
+    """2x2 mean in the last two axes; an odd trailing row/column is averaged with itself (edge replicate)."""
+    if block.shape[-2] % 2:
+        block = np.concatenate([block, block[..., -1:, :]], axis=-2)
+    if block.shape[-1] % 2:
+        block = np.concatenate([block, block[..., -1:]], axis=-1)
+    out = block[..., 0::2, 0::2].astype(np.float32)
+    out += block[..., 1::2, 0::2]
+    out += block[..., 0::2, 1::2]
+    out += block[..., 1::2, 1::2]
+    out *= 0.25
+    return out.astype(block.dtype, copy=False)
+
+
+class PyramidWriter:
+    """Writes blocks of level 0 of a multiscale OME-Zarr image and all coarser levels in the same pass.
+
+    Coarser levels halve y and x (2x2 mean; depth kept), so a block is read once whatever the number of
+    levels. Blocks must start at multiples of ``2**(n_levels - 1)`` in y and x (or end at the array edge).
+    """
+
+    def __init__(self, levels: list[zarr.Array]):
+        self.levels = levels
+        self.align = 2 ** (len(levels) - 1)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
+        """Write ``block`` at ``region`` of level 0 and its downsampled versions into the other levels."""
+        full = self.levels[0].shape
+        starts = [r.start or 0 for r in region]
+        for axis in (-2, -1):
+            start, stop = starts[axis], starts[axis] + block.shape[axis]
+            if start % self.align or (stop % self.align and stop != full[axis]):
+                raise ValueError(
+                    f"block at {region} is not aligned to {self.align} pixels in y/x (needed for "
+                    f"{self.n_levels} pyramid levels)"
+                )
+        self.levels[0][region] = block
+        for level in self.levels[1:]:
+            block = _halve_yx(block)
+            starts = [*starts[:-2], starts[-2] // 2, starts[-1] // 2]
+            stop = [min(s + b, n) for s, b, n in zip(starts, block.shape, level.shape)]
+            level[tuple(slice(a, b) for a, b in zip(starts, stop))] = block[
+                tuple(slice(0, b - a) for a, b in zip(starts, stop))
+            ]
+
+
+def create_ome_zarr_pyramid(
+    path: str | os.PathLike,
+    shape: tuple[int, ...],
+    scale_mm: tuple[float, ...],
+    *,
+    chunks: tuple[int, ...],
+    n_levels: int | None = None,
+    dtype=np.float32,
+    compression: str = "blosc-lz4",
+    name: str | None = None,
+    attributes: dict | None = None,
+    axes: tuple[str, ...] = ("z", "y", "x"),
+) -> PyramidWriter:
+    """Create a multiscale NGFF 0.5 image (levels ``0..n_levels-1``, y and x halved per level) for writing
+    with :class:`PyramidWriter`. ``n_levels`` defaults to :func:`pyramid_level_count`."""
+    path = Path(path)
+    n_levels = n_levels or pyramid_level_count(shape[-2:])
+    shapes, scales = [], []
+    for k in range(n_levels):
+        f = 2**k
+        shapes.append((*shape[:-2], -(-shape[-2] // f), -(-shape[-1] // f)))
+        scales.append((*scale_mm[:-2], scale_mm[-2] * f, scale_mm[-1] * f))
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or path.name, scales, axes)]}}
+    attrs.update(attributes or {})
+    group.attrs.update(attrs)
+    levels = [
+        group.create_array(
+            str(k), shape=s, chunks=tuple(min(c, n) for c, n in zip(chunks, s)), dtype=dtype,
+            compressors=compressors_for(compression), fill_value=0, dimension_names=list(axes),
+        )
+        for k, s in enumerate(shapes)
+    ]
+    return PyramidWriter(levels)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -20,6 +19,7 @@ from ..io.tables import SliceConfigRow, write_shifts_xy, write_slice_config
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Cancelled, Progress, ProgressCallback
+from ..slices import StopFlag
 from .galvo import GalvoDecision
 from .mosaic import SliceGeometry, galvo_decision_for_slice, mosaic_grid_name, read_corrected_tile, slice_geometry
 from .previews import save_previews
@@ -108,17 +108,6 @@ class PreprocessResult:
     @property
     def mosaic_paths(self) -> list[Path]:
         return [Path(s.path) for s in self.slices]
-
-
-class _StopFlag:
-    """Set when the user cancels or when another slice worker failed."""
-
-    def __init__(self, cancel=None):
-        self.event = threading.Event()
-        self._cancel = cancel
-
-    def is_set(self) -> bool:
-        return self.event.is_set() or (self._cancel is not None and self._cancel.is_set())
 
 
 def _estimate_slice_memory(acq: RawAcquisition, geometry: SliceGeometry, shard_tiles: tuple[int, int]) -> int:
@@ -343,7 +332,7 @@ def preprocess_acquisition(
     previews_dir = out_dir / "previews" if params.generate_previews else None
     total = sum(len(acq.tiles[sid]) for sid in to_write)
     # Stop the other workers as soon as one fails or the user cancels.
-    stop = _StopFlag(cancel)
+    stop = StopFlag(cancel)
     tracker = Progress(total, progress, stop)
     tracker.check()
     results: dict[int, SliceResult] = {}

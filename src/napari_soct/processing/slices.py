@@ -1,0 +1,233 @@
+"""Running a step slice by slice: input discovery, parallel slices under a memory budget, atomic outputs,
+resume (``if_exists="skip"``), cancellation and one metrics file per step.
+
+A per-slice step only writes the code for one slice::
+
+    def process_slice(in_path, out_tmp, tracker) -> dict:
+        ...  # read in_path, write an OME-Zarr at out_tmp, tracker.advance() per unit of work
+        return {"metric": 1.0}
+
+    result = run_slice_step("stitch", source, out_dir, process_slice, params)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+from .io.atomic import atomic_output, check_can_write
+from .memory import return_large_buffers_to_os
+from .params import validate_params
+from .progress import Cancelled, Progress, ProgressCallback
+
+__all__ = ["SliceStepResult", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag"]
+
+GIB = 1024**3
+_SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
+
+
+def slice_output_name(slice_id: int, step: str) -> str:
+    """``slice_z{NN}_{step}.ome.zarr`` (two digits at least)."""
+    return f"slice_z{slice_id:02d}_{step}.ome.zarr"
+
+
+def find_slice_files(source: str | os.PathLike) -> dict[int, Path]:
+    """Per-slice OME-Zarr files in a folder (``mosaic_grid_3d_z07.ome.zarr``, ``slice_z07_stitch.ome.zarr``),
+    or a single such file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``source`` does not exist or holds no per-slice file.
+    ValueError
+        If two files in the folder claim the same slice (say which), or a file name has no slice id.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if source.name.endswith(".ome.zarr"):
+        match = _SLICE_FILE_RE.search(source.name)
+        if not match:
+            raise ValueError(f"{source}: no slice id (_z<NN>) in the file name")
+        return {int(match.group(1)): source}
+    found: dict[int, Path] = {}
+    for entry in sorted(source.iterdir()):
+        match = _SLICE_FILE_RE.search(entry.name)
+        if not match or entry.name.startswith("."):
+            continue
+        sid = int(match.group(1))
+        if sid in found:
+            raise ValueError(
+                f"{source}: two files for slice {sid}: {found[sid].name} and {entry.name}; "
+                "point the step at a folder with one file per slice, or at one file"
+            )
+        found[sid] = entry
+    if not found:
+        raise FileNotFoundError(f"{source}: no per-slice OME-Zarr files (*_z<NN>*.ome.zarr)")
+    return dict(sorted(found.items()))
+
+
+@dataclass
+class SliceStepResult:
+    """What a per-slice step produced.
+
+    Attributes
+    ----------
+    step : str
+    out_dir : Path
+    outputs : dict
+        ``{slice_id: Path}`` of every output, written now or kept from an earlier run.
+    metrics : dict
+        ``{slice_id: dict}`` returned by the per-slice function (empty for kept slices).
+    metrics_path : Path
+    skipped : list of int
+        Slices whose output existed and was kept (``if_exists="skip"``).
+    """
+
+    step: str
+    out_dir: Path
+    outputs: dict[int, Path]
+    metrics: dict[int, dict]
+    metrics_path: Path
+    seconds: float = 0.0
+    workers_used: int = 1
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.outputs[s] for s in sorted(self.outputs)]
+
+
+class StopFlag:
+    """Set when the user cancels or another worker failed; quacks like ``threading.Event`` for ``Progress``."""
+
+    def __init__(self, cancel=None):
+        self.event = threading.Event()
+        self._cancel = cancel
+
+    def is_set(self) -> bool:
+        return self.event.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+
+def _jsonable(value):
+    if is_dataclass(value):
+        return asdict(value)
+    return str(value)
+
+
+def run_slice_step(
+    step: str,
+    source,
+    out_dir,
+    process_slice: Callable[[Path, Path, Progress], dict],
+    params,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel=None,
+    units_per_slice: Callable[[Path], int] | None = None,
+    memory_per_slice_bytes: Callable[[Path], int] | None = None,
+    output_name: Callable[[int], str] | None = None,
+) -> SliceStepResult:
+    """Run ``process_slice`` on every slice of ``source`` and write one output per slice into ``out_dir``.
+
+    Parameters
+    ----------
+    step : str
+        Step name (output names ``slice_z{NN}_{step}.ome.zarr``, metrics ``{step}_metrics.json``).
+    source : path
+        Folder of per-slice files, or one file (see :func:`find_slice_files`).
+    process_slice : callable
+        ``process_slice(in_path, out_tmp, tracker) -> metrics dict``; writes the output at ``out_tmp``.
+    params : dataclass
+        Step parameters with ``workers``, ``memory_budget_gb`` and ``if_exists`` fields.
+    units_per_slice : callable, optional
+        Progress units of one slice, which ``process_slice`` then reports itself with ``tracker.advance``;
+        by default a slice is one unit, reported by the runner.
+    memory_per_slice_bytes : callable, optional
+        Peak bytes one slice worker holds; the number of parallel slices is
+        ``min(workers, memory_budget_gb // max(memory_per_slice))``.
+    output_name : callable, optional
+        ``output_name(slice_id) -> file name`` (default :func:`slice_output_name`).
+
+    Raises
+    ------
+    ValueError
+        If one slice needs more memory than the budget.
+    Cancelled
+        When ``cancel`` is set; no partial output is left.
+    """
+    validate_params(params)
+    return_large_buffers_to_os()
+    started = time.perf_counter()
+    inputs = find_slice_files(source)
+    out_dir = Path(out_dir)
+    name_of = output_name or (lambda sid: slice_output_name(sid, step))
+    targets = {sid: out_dir / name_of(sid) for sid in inputs}
+    to_run = [sid for sid in inputs if check_can_write(targets[sid], params.if_exists)]
+    skipped = [sid for sid in inputs if sid not in to_run]
+    metrics_path = out_dir / f"{step}_metrics.json"
+
+    budget = int(params.memory_budget_gb * GIB)
+    need = max((memory_per_slice_bytes(inputs[s]) for s in to_run), default=0) if memory_per_slice_bytes else 0
+    if need > budget:
+        raise ValueError(
+            f"memory_budget_gb={params.memory_budget_gb} is below the {need / GIB:.2f} GiB one slice of step "
+            f"'{step}' needs; raise memory_budget_gb"
+        )
+    n_workers = max(1, min(params.workers, len(to_run) or 1, budget // need if need else params.workers))
+    units = {sid: (units_per_slice(inputs[sid]) if units_per_slice else 1) for sid in to_run}
+    stop = StopFlag(cancel)
+    tracker = Progress(sum(units.values()), progress, stop)
+    tracker.check()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(sid: int) -> dict:
+        with atomic_output(targets[sid], "overwrite" if params.if_exists == "overwrite" else "error") as tmp:
+            result = process_slice(inputs[sid], tmp, tracker) or {}
+        if units_per_slice is None:  # otherwise process_slice reports its own units
+            tracker.advance(1, f"slice {sid} done")
+        return result
+
+    metrics: dict[int, dict] = {}
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix=f"soct-{step}") as pool:
+        futures = {pool.submit(one, sid): sid for sid in to_run}
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() for f in done):
+            stop.event.set()
+        wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            real = [e for e in errors if not isinstance(e, Cancelled)]
+            raise (real or errors)[0]
+        for future, sid in futures.items():
+            metrics[sid] = future.result()
+    seconds = time.perf_counter() - started
+    record = {
+        "step": step,
+        "source": str(Path(source).resolve()),
+        "params": asdict(params),
+        "seconds": seconds,
+        "workers_used": n_workers,
+        "skipped": skipped,
+        "slices": {str(sid): m for sid, m in sorted(metrics.items())},
+    }
+    if metrics or not metrics_path.exists():
+        with atomic_output(metrics_path, "overwrite") as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2, default=_jsonable))
+    return SliceStepResult(
+        step=step,
+        out_dir=out_dir,
+        outputs={sid: targets[sid] for sid in inputs},
+        metrics=metrics,
+        metrics_path=metrics_path,
+        seconds=seconds,
+        workers_used=n_workers,
+        skipped=skipped,
+    )
