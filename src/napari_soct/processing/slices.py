@@ -24,13 +24,30 @@ from pathlib import Path
 
 from .io.atomic import atomic_output, check_can_write
 from .memory import return_large_buffers_to_os
-from .params import validate_params
+from .io.atomic import IF_EXISTS_CHOICES
+from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
-__all__ = ["SliceStepResult", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag"]
+__all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
+
+
+@dataclass
+class SliceRunParams:
+    """How a per-slice step runs (not what it computes): parallel slices, memory, existing outputs.
+
+    Step parameter dataclasses inherit from it, so these options are declared once for every step.
+    """
+
+    workers: int = param(2, "Slices processed in parallel (at most)", min=1, max=256, advanced=True)
+    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB",
+                                     advanced=True)
+    if_exists: str = param(
+        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
+        choices=IF_EXISTS_CHOICES, advanced=True,
+    )
 
 
 def slice_output_name(slice_id: int, step: str) -> str:

@@ -1,0 +1,220 @@
+"""Tissue surface: detection, focal curvature flattening (step 2) and interface crop (step 6).
+
+The surface is where intensity rises most along depth (water or agarose remnant above, tissue below):
+``z0(y, x) = argmax_z d/dz I_smoothed`` with sub-sample refinement. The curvature step fits a smooth
+quadratic surface to ``z0`` and shifts every A-line so the fitted surface becomes flat; the crop step keeps a
+physical depth below the surface, at one depth per slice (the lab's mode) or following the surface pixel by
+pixel (tilted and curved cuts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, median_filter
+
+from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
+from ..params import param
+from ..slices import SliceRunParams, SliceStepResult, run_slice_step
+from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice
+
+__all__ = [
+    "detect_interface",
+    "fit_quadratic_surface",
+    "shift_alines",
+    "CurvatureParams",
+    "fix_focal_curvature",
+    "InterfaceCropParams",
+    "crop_interface",
+]
+
+GIB = 1024**3
+
+
+def detect_interface(volume: np.ndarray, sigma_xy: float = 2.0, sigma_z: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Surface depth per A-line.
+
+    Parameters
+    ----------
+    volume : ndarray (z, y, x)
+    sigma_xy, sigma_z : float
+        Gaussian smoothing (pixels) before differentiating along depth.
+
+    Returns
+    -------
+    depth : ndarray (y, x) float32
+        Depth of the steepest rise, in samples (position of the half-way point between the two samples
+        around the steepest step, refined with a parabola through the neighbouring steps).
+    strength : ndarray (y, x) float32
+        The steepest rise itself (low where there is no surface, e.g. empty agarose).
+    """
+    smooth = gaussian_filter(np.asarray(volume, np.float32), (sigma_z, sigma_xy, sigma_xy), mode="nearest")
+    step = np.diff(smooth, axis=0)  # step[k] = I[k+1] - I[k]: a rise centred at k + 0.5
+    k = np.argmax(step, axis=0)
+    strength = np.take_along_axis(step, k[None], axis=0)[0]
+    before = np.take_along_axis(step, np.clip(k - 1, 0, step.shape[0] - 1)[None], axis=0)[0]
+    after = np.take_along_axis(step, np.clip(k + 1, 0, step.shape[0] - 1)[None], axis=0)[0]
+    curvature = before - 2 * strength + after
+    offset = np.where(curvature < 0, 0.5 * (before - after) / np.where(curvature < 0, curvature, -1), 0.0)
+    depth = k + 0.5 + np.clip(offset, -0.5, 0.5)
+    return depth.astype(np.float32), strength.astype(np.float32)
+
+
+def fit_quadratic_surface(depth: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares quadratic ``a + b y + c x + d y^2 + e x y + f x^2`` through a depth map.
+
+    Returns the fitted surface (same shape) and the six coefficients (for pixel coordinates).
+    """
+    ny, nx = depth.shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    design = np.stack([np.ones_like(yy), yy, xx, yy**2, xx * yy, xx**2], axis=-1).reshape(-1, 6)
+    w = np.sqrt(np.clip(weight, 0, None)).ravel()
+    coef, *_ = np.linalg.lstsq(design * w[:, None], depth.ravel() * w, rcond=None)
+    return (design @ coef).reshape(ny, nx).astype(np.float32), coef
+
+
+def shift_alines(volume: np.ndarray, start: np.ndarray, depth: int) -> np.ndarray:
+    """``out[z, y, x] = volume[start[y, x] + z, y, x]`` for ``z < depth``; samples past the end are zero."""
+    nz = volume.shape[0]
+    z = np.arange(depth)[:, None, None] + np.asarray(start, np.int64)[None]
+    valid = (z >= 0) & (z < nz)
+    out = np.take_along_axis(volume, np.clip(z, 0, nz - 1), axis=0)
+    out[~valid] = 0
+    return out
+
+
+def _tissue_weight(strength: np.ndarray) -> np.ndarray:
+    """Pixels with a clear surface (the lab's rule: a rise above 10 % of the strongest)."""
+    return (strength > 0.1 * np.percentile(strength, 99.5)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- curvature (step 2)
+@dataclass
+class CurvatureParams(SliceRunParams):
+    """Focal curvature correction: flatten the smooth (quadratic) surface fitted to the detected interface."""
+
+    sigma_xy: float = param(2.0, "Lateral smoothing before surface detection, pixels", min=0.0)
+    sigma_z: float = param(1.0, "Axial smoothing before surface detection, samples", min=0.0)
+    fit_downsample: int = param(4, "Fit the surface on every n-th A-line (speed)", min=1, advanced=True)
+
+
+def _curvature_slice(params: CurvatureParams):
+    def process(in_path: Path, out_tmp: Path, tracker) -> dict:
+        mosaic = open_mosaic_grid(in_path)
+        data = mosaic.array
+        step = params.fit_downsample
+        # The fit needs the surface everywhere but not every A-line: a strided read is enough.
+        coarse = np.asarray(data[:, ::step, ::step], np.float32)
+        depth, strength = detect_interface(coarse, params.sigma_xy / step, params.sigma_z)
+        weight = _tissue_weight(strength)
+        fitted, coef = fit_quadratic_surface(depth, weight)
+        ny, nx = data.shape[1:]
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64) / step
+        full = (coef[0] + coef[1] * yy + coef[2] * xx + coef[3] * yy**2 + coef[4] * xx * yy + coef[5] * xx**2)
+        shift = np.rint(full - full.min()).astype(np.int64)
+        out = create_mosaic_grid_like(out_tmp, mosaic, extra_attributes={"curvature_coefficients": coef.tolist()})
+        for x, y in mosaic.tile_positions():
+            region = mosaic.tile_region(x, y)
+            out[region] = shift_alines(mosaic.read_tile(x, y), shift[region[1:]], data.shape[0])
+            tracker.advance(1, f"slice {mosaic.slice_id}: tile x{x} y{y}")
+        residual = float(np.sqrt(np.average((depth - fitted) ** 2, weights=weight + 1e-12)))
+        return {"surface_range_samples": float(full.max() - full.min()), "fit_rms_samples": residual,
+                "coefficients": coef.tolist()}
+
+    return process
+
+
+def fix_focal_curvature(source, out_dir, params: CurvatureParams | None = None, *, progress=None,
+                        cancel=None) -> SliceStepResult:
+    """Step 2: shift every A-line of each mosaic grid so the fitted focal surface is flat.
+
+    Writes ``slice_z{NN}_curvature.ome.zarr`` (mosaic layout) and ``curvature_metrics.json``.
+    """
+    params = params or CurvatureParams()
+
+    def memory(path):
+        mosaic = open_mosaic_grid(path)
+        z, ny, nx = mosaic.array.shape
+        s = params.fit_downsample
+        return 4 * (z * (ny // s + 1) * (nx // s + 1) * 4 + 4 * int(np.prod(mosaic.tile_shape)) + 3 * ny * nx * 2)
+
+    return run_slice_step(
+        "curvature", source, out_dir, _curvature_slice(params), params, progress=progress, cancel=cancel,
+        units_per_slice=lambda p: len(open_mosaic_grid(p).tile_positions()), memory_per_slice_bytes=memory,
+    )
+
+
+# ------------------------------------------------------------------------------------ interface crop (step 6)
+@dataclass
+class InterfaceCropParams(SliceRunParams):
+    """Interface crop: detect the tissue surface and keep a physical depth below it."""
+
+    depth_um: float = param(600.0, "Depth kept below the surface", min=0.0, unit="um")
+    mode: str = param("per_pixel", "'per_slice': one surface depth per slice (the lab's); 'per_pixel': follow "
+                      "tilted and curved surfaces A-line by A-line", choices=("per_slice", "per_pixel"))
+    sigma_xy: float = param(2.0, "Lateral smoothing before surface detection, pixels", min=0.0)
+    sigma_z: float = param(1.0, "Axial smoothing before surface detection, samples", min=0.0)
+    surface_smoothing_px: int = param(
+        9, "Median filter of the per-pixel surface (removes single-A-line outliers), pixels", min=1,
+        advanced=True,
+    )
+
+
+def _crop_slice(params: InterfaceCropParams):
+    def process(in_path: Path, out_tmp: Path, tracker) -> dict:
+        image = open_slice(in_path)
+        data = image.levels[0]
+        nz = data.shape[0]
+        dz_um = image.scales_mm[0][0] * 1e3
+        keep = max(1, min(nz, int(round(params.depth_um / dz_um))))
+        halo = int(3 * max(params.sigma_xy, 1)) + params.surface_smoothing_px
+        side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=6)
+        blocks = list(iter_blocks(data.shape, side, halo))
+        # Pass 1: the surface of every A-line (kept: it is 2D) and the slice's median depth over tissue.
+        depth = np.zeros(data.shape[1:], np.float32)
+        strength = np.zeros(data.shape[1:], np.float32)
+        for core, padded in blocks:
+            d, s = detect_interface(data[(slice(None), *padded)], params.sigma_xy, params.sigma_z)
+            inner = tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(core, padded))
+            depth[core], strength[core] = d[inner], s[inner]
+        tissue = _tissue_weight(strength) > 0
+        slice_depth = float(np.median(depth[tissue])) if tissue.any() else 0.0
+        if params.mode == "per_pixel":
+            surface = median_filter(depth, size=params.surface_smoothing_px, mode="nearest")
+            # Where no surface is visible (empty agarose, weak signal) follow the smooth surface fitted to
+            # the visible one rather than noise.
+            if tissue.any() and not tissue.all():
+                fitted, _ = fit_quadratic_surface(depth, tissue.astype(np.float32))
+                surface = np.where(tissue, surface, fitted)
+            start = np.floor(surface).astype(np.int64)
+        else:
+            start = np.full(depth.shape, int(np.floor(slice_depth)), np.int64)
+        writer = create_slice_like(out_tmp, image, depth=keep, extra={"interface_mode": params.mode})
+        for core, _ in blocks:
+            block = np.asarray(data[(slice(None), *core)], np.float32)
+            writer.write((slice(None), *core), shift_alines(block, start[core], keep))
+            tracker.advance(1, f"{in_path.name}: block")
+        return {"interface_depth_samples": slice_depth, "interface_depth_um": slice_depth * dz_um,
+                "surface_range_samples": float(np.ptp(start[tissue])) if tissue.any() else 0.0,
+                "tissue_fraction": float(tissue.mean()), "kept_samples": keep}
+
+    return process
+
+
+def crop_interface(source, out_dir, params: InterfaceCropParams | None = None, *, progress=None,
+                   cancel=None) -> SliceStepResult:
+    """Step 6: keep ``depth_um`` below the detected tissue surface of each slice.
+
+    Writes ``slice_z{NN}_crop.ome.zarr`` (multiscale) and ``crop_metrics.json``.
+    """
+    params = params or InterfaceCropParams()
+
+    def units(path):
+        shape = open_slice(path).levels[0].shape
+        side = block_size_for(shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=6)
+        return len(list(iter_blocks(shape, side)))
+
+    return run_slice_step("crop", source, out_dir, _crop_slice(params), params, progress=progress, cancel=cancel,
+                          units_per_slice=units)

@@ -1,0 +1,143 @@
+"""Resample, focal curvature, interface crop, beam profile and normalisation against the phantom's truth.
+
+The corrections after stitching accept any per-slice 3D OME-Zarr, so they are exercised here directly on the
+preprocessed mosaic grids of the ``tiny`` phantom, where every tile's true position and surface are known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_soct.processing.correct.intensity import (
+    BeamProfileParams,
+    NormalizeParams,
+    axial_profile,
+    correct_beam_profile,
+    normalize_slices,
+    slice_reference_level,
+)
+from napari_soct.processing.correct.interface import (
+    CurvatureParams,
+    InterfaceCropParams,
+    crop_interface,
+    detect_interface,
+    fix_focal_curvature,
+)
+from napari_soct.processing.correct.resample import ResampleParams, resample_mosaic_grids
+from napari_soct.processing.correct._slice_io import sample_pixels
+from napari_soct.processing.io.mosaic import open_mosaic_grid
+from napari_soct.processing.io.omezarr import open_ome_zarr
+from napari_soct.processing.preprocess import preprocess_acquisition
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory):
+    """The tiny phantom with a strongly tilted and curved cut (the surface spans several samples)."""
+    from napari_soct.processing.synthetic import make_acquisition
+
+    acq = make_acquisition(tmp_path_factory.mktemp("acq"), preset="tiny", seed=5, interface_depth_um=80.0,
+                           interface_tilt_um_per_mm=(50.0, -30.0), interface_curvature_um_per_mm2=40.0)
+    out = tmp_path_factory.mktemp("mosaics")
+    preprocess_acquisition(acq.raw_dir, out, generate_previews=False)
+    return acq, out
+
+
+def _true_surface_in_mosaic(acq, sid, mosaic):
+    """The phantom's surface depth (samples) at every pixel of the mosaic grid (tiles pasted side by side)."""
+    surface = np.full(mosaic.array.shape[1:], np.nan, np.float32)
+    full = acq.interface_depth_map(sid)
+    _, ty, tx = mosaic.tile_shape
+    for x, y in mosaic.tile_positions():
+        y0, x0 = (int(round(v)) for v in acq.true_tile_position_px(sid, x, y))
+        surface[y * ty : (y + 1) * ty, x * tx : (x + 1) * tx] = full[y0 : y0 + ty, x0 : x0 + tx]
+    return surface
+
+
+def test_interface_detection_within_a_sample(mosaics):
+    acq, out = mosaics
+    for sid in acq.slice_ids:
+        mosaic = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
+        truth = _true_surface_in_mosaic(acq, sid, mosaic)
+        depth, strength = detect_interface(mosaic.array[...])
+        tissue = np.isfinite(truth) & (strength > 0.1 * np.percentile(strength, 99.5))
+        error = np.abs(depth - truth)[tissue]
+        assert np.percentile(error, 99) <= 1.0, f"slice {sid}"
+
+
+def test_per_pixel_crop_follows_the_true_surface(mosaics, tmp_path):
+    acq, out = mosaics
+    # No median smoothing of the surface here: in a mosaic grid the surface jumps where tiles are pasted
+    # side by side (a stitched slice is continuous), and a median across those jumps would blur them.
+    params = InterfaceCropParams(depth_um=40.0, mode="per_pixel", surface_smoothing_px=1)
+    result = crop_interface(out, tmp_path / "crop", params)
+    for sid in acq.slice_ids:
+        src = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
+        cropped = open_ome_zarr(result.outputs[sid]).levels[0][...]
+        assert cropped.shape[0] == round(40.0 / acq.voxel_size_um[0])
+        data = src.array[...]
+        truth = _true_surface_in_mosaic(acq, sid, src)
+        # Recover each A-line's crop start by finding its first kept sample in the input A-line. Pixels near
+        # a pasted tile border are left out: there the lateral smoothing sees the neighbour tile's surface.
+        _, ty, tx = src.tile_shape
+        yy, xx = np.mgrid[0 : truth.shape[0], 0 : truth.shape[1]]
+        inner = (yy % ty >= 6) & (yy % ty < ty - 6) & (xx % tx >= 6) & (xx % tx < tx - 6)
+        ys, xs = np.nonzero(np.isfinite(truth) & (cropped[0] > 0) & inner)
+        pick = np.random.default_rng(0).choice(ys.size, 400, replace=False)
+        starts = np.array([np.flatnonzero(data[:, ys[i], xs[i]] == cropped[0, ys[i], xs[i]])[0] for i in pick])
+        # The first kept sample is the one holding the surface (the floor of its depth), within one sample.
+        error = starts - np.floor(truth[ys[pick], xs[pick]])
+        assert np.mean(np.abs(error) <= 1) >= 0.99 and np.mean(error == 0) >= 0.7
+    per_slice = crop_interface(out, tmp_path / "crop1", InterfaceCropParams(depth_um=40.0, mode="per_slice"))
+    assert per_slice.metrics[acq.slice_ids[0]]["surface_range_samples"] == 0
+
+
+def test_curvature_flattens_the_surface(mosaics, tmp_path):
+    acq, out = mosaics
+    sid = acq.slice_ids[1]
+    result = fix_focal_curvature(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr", tmp_path, CurvatureParams())
+    before = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
+    after = open_mosaic_grid(result.outputs[sid])
+    assert after.tile_shape == before.tile_shape and after.grid_shape == before.grid_shape
+    truth = _true_surface_in_mosaic(acq, sid, before)
+    d_after, s_after = detect_interface(after.array[...])
+    tissue = np.isfinite(truth) & (s_after > 0.1 * np.percentile(s_after, 99.5))
+    spread_before = np.percentile(truth[tissue], 95) - np.percentile(truth[tissue], 5)
+    spread_after = np.percentile(d_after[tissue], 95) - np.percentile(d_after[tissue], 5)
+    assert spread_before > 2.0 and spread_after < 0.5 * spread_before
+
+
+def test_beam_profile_flattens_the_tissue_profile(mosaics, tmp_path):
+    acq, out = mosaics
+    sid = acq.slice_ids[1]
+    src = out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr"
+    result = correct_beam_profile(src, tmp_path, BeamProfileParams())
+    surface = result.metrics[sid]["surface_depth_samples"]
+    _, before = axial_profile(sample_pixels(open_ome_zarr(src).levels[0]))
+    _, after = axial_profile(sample_pixels(open_ome_zarr(result.outputs[sid]).levels[0]))
+    deep = slice(surface + 3, None)
+    assert before[deep].max() / before[deep].min() > 2.0  # attenuation and focus
+    assert after[deep].max() / after[deep].min() < 1.25
+
+
+def test_normalisation_equalises_slice_levels(mosaics, tmp_path):
+    acq, out = mosaics
+    before = [slice_reference_level(sample_pixels(open_ome_zarr(out / f"mosaic_grid_3d_z{s:02d}.ome.zarr").levels[0]))
+              for s in acq.slice_ids]
+    result = normalize_slices(out, tmp_path, NormalizeParams(smooth_sigma=0.0))
+    after = [slice_reference_level(sample_pixels(open_ome_zarr(result.outputs[s]).levels[0])) for s in acq.slice_ids]
+    assert np.ptp(before) / np.mean(before) > 0.02  # the phantom's per-slice gains differ
+    assert np.ptp(after) / np.mean(after) < 0.01
+    assert open_ome_zarr(result.outputs[acq.slice_ids[0]]).version == "0.5"
+
+
+def test_resample_keeps_mean_and_geometry(mosaics, tmp_path):
+    acq, out = mosaics
+    sid = acq.slice_ids[0]
+    result = resample_mosaic_grids(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr", tmp_path, ResampleParams(resolution_um=20.0))
+    src, dst = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr"), open_mosaic_grid(result.outputs[sid])
+    expected = tuple(max(1, round(n * v / 20.0)) for n, v in zip(src.tile_shape, src.voxel_size_um))
+    assert dst.tile_shape == expected and dst.voxel_size_um == (20.0, 20.0, 20.0)
+    assert dst.array.chunks == expected and dst.grid_shape == src.grid_shape
+    for x, y in src.tile_positions():
+        assert dst.read_tile(x, y).mean() == pytest.approx(src.read_tile(x, y).mean(), rel=0.03)
