@@ -148,3 +148,58 @@ register(
         summary=_preprocess_summary,
     )
 )
+
+# --- in-slice reconstruction (issue 3): per-slice steps built on processing.slices.run_slice_step ----------
+from ..processing.correct.intensity import (  # noqa: E402
+    BeamProfileParams,
+    NormalizeParams,
+    correct_beam_profile,
+    normalize_slices,
+)
+from ..processing.correct.interface import (  # noqa: E402
+    CurvatureParams,
+    InterfaceCropParams,
+    crop_interface,
+    fix_focal_curvature,
+)
+from ..processing.correct.resample import ResampleParams, resample_mosaic_grids  # noqa: E402
+from ..processing.slices import SliceStepResult  # noqa: E402
+
+
+def slice_step_summary(result: SliceStepResult) -> str:
+    """One line per run of a per-slice step: what was written, kept, where, how fast."""
+    written = len(result.outputs) - len(result.skipped)
+    return (
+        f"{result.step}: {written} slice(s) written, {len(result.skipped)} kept, in {result.seconds:.1f} s with "
+        f"{result.workers_used} worker(s), into {result.out_dir} (metrics: {result.metrics_path.name})"
+    )
+
+
+def _slice_step(name, title, help, function, params, source_help):
+    return register(
+        Step(
+            name=name,
+            title=title,
+            help=help,
+            function=function,
+            params=params,
+            inputs=(Input("source", source_help, "dir"), Input("out_dir", "Output folder", "out_dir")),
+            outputs=lambda result: [(p, "image") for p in result.paths],
+            summary=slice_step_summary,
+        )
+    )
+
+
+_MOSAICS = "Folder of mosaic grids (mosaic_grid_3d_z*.ome.zarr or slice_z*_<step>.ome.zarr), or one file"
+_SLICES = "Folder of stitched slices (slice_z*_<step>.ome.zarr), or one file"
+_slice_step("resample", "1. Resample", "Resample mosaic grids to an isotropic voxel size, tile by tile, "
+            "anti-aliased.", resample_mosaic_grids, ResampleParams, _MOSAICS)
+_slice_step("curvature", "2. Focal curvature", "Fit a smooth surface to the tissue interface and shift every "
+            "A-line so it becomes flat.", fix_focal_curvature, CurvatureParams, _MOSAICS)
+_slice_step("beam", "5. Beam profile", "Divide out the depth envelope (focus, attenuation) measured on the "
+            "tissue-averaged axial profile.", correct_beam_profile, BeamProfileParams, _SLICES)
+_slice_step("crop", "6. Interface crop", "Detect the tissue surface and keep a physical depth below it, per "
+            "slice or per pixel.", crop_interface, InterfaceCropParams, _SLICES)
+_slice_step("normalize", "7. Normalise", "Rescale each slice so a tissue percentile matches across slices.",
+            normalize_slices, NormalizeParams, _SLICES)
+
