@@ -152,3 +152,33 @@ def stacked_ome_zarr_layer(paths, name: str, kind: str = "image") -> tuple:
     if kind == "image":
         kwargs["contrast_limits"] = contrast_limits_of(_contrast_sample(first.levels))
     return (_stack_padded([im.as_dask(0) for im in images]), kwargs, kind)
+
+
+def tile_qc_layer(tiles: list[dict], name: str, scale, visible: bool = True) -> tuple:
+    """Tiles as rectangles coloured by their first metric, every metric in the features table.
+
+    ``tiles`` is the per-tile list a step reports in its metrics: ``{"x", "y", "y0_px", "x0_px",
+    "height_px", "width_px", <metric>: float, ...}`` with the rectangle in the slice's pixel frame.
+    """
+    geometry = {"x", "y", "y0_px", "x0_px", "height_px", "width_px"}
+    metric_names = [k for k in tiles[0] if k not in geometry and isinstance(tiles[0][k], int | float)]
+    rects = [
+        np.array([[t["y0_px"], t["x0_px"]], [t["y0_px"] + t["height_px"] - 1, t["x0_px"] + t["width_px"] - 1]], float)
+        for t in tiles
+    ]
+    features = {"grid_x": [t["x"] for t in tiles], "grid_y": [t["y"] for t in tiles]}
+    features.update({m: [float(t.get(m, np.nan)) for t in tiles] for m in metric_names})
+    kwargs = {
+        "name": name,
+        "shape_type": "rectangle",
+        "features": features,
+        "face_color": "transparent",
+        "edge_width": 2.0,
+        "scale": tuple(scale),
+        "visible": visible,
+        "opacity": 0.8,
+    }
+    if metric_names:
+        kwargs["edge_color"] = metric_names[0]
+        kwargs["edge_colormap"] = "viridis"
+    return (rects, kwargs, "shapes")

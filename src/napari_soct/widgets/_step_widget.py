@@ -19,7 +19,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from .._layers import ome_zarr_layers, stacked_ome_zarr_layer
+from .._layers import ome_zarr_layers, stacked_ome_zarr_layer, tile_qc_layer
 from ..pipeline.steps import Step
 from ..processing.io.images import ImageData
 from ..processing.params import ParamInfo, params_from_mapping
@@ -166,7 +166,19 @@ class StepWidget(Container):
                 layers.append(stacked_ome_zarr_layer(paths, f"{self.step.name}: {Path(paths[0]).parent.name}", kind))
             elif paths:
                 layers.extend(ome_zarr_layers(paths[0], kind))
-        return layers
+        return layers + self._qc_layers(result, layers)
+
+    def _qc_layers(self, result, image_layers) -> list[tuple]:
+        """Per-tile QC shapes (one 2D layer per slice) when the step reported ``tiles`` in its metrics."""
+        metrics = getattr(result, "metrics", None) or {}
+        if not image_layers:
+            return []
+        scale = image_layers[0][1].get("scale", (1.0, 1.0))[-2:]
+        return [
+            tile_qc_layer(m["tiles"], f"{self.step.name} QC z{sid:02d}", scale, visible=i == 0)
+            for i, (sid, m) in enumerate(sorted(metrics.items()))
+            if isinstance(m, dict) and m.get("tiles")
+        ]
 
     def _on_error(self, err: Exception) -> None:
         if isinstance(err, Cancelled):

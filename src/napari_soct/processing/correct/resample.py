@@ -12,7 +12,7 @@ from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..params import param
 from ..slices import SliceRunParams, SliceStepResult, run_slice_step
 
-__all__ = ["ResampleParams", "resampled_tile_shape", "resample_mosaic_grids"]
+__all__ = ["ResampleParams", "resampled_tile_shape", "resample_tile", "resample_mosaic_grids"]
 
 
 @dataclass
@@ -31,6 +31,14 @@ def resampled_tile_shape(tile_shape, voxel_size_um, resolution_um: float) -> tup
     return tuple(max(1, int(round(n * v / resolution_um))) for n, v in zip(tile_shape, voxel_size_um))
 
 
+def resample_tile(tile: np.ndarray, shape, order: int = 1) -> np.ndarray:
+    """Resize a tile to ``shape`` (float32), with Gaussian anti-aliasing when shrinking."""
+    if tuple(shape) == tile.shape:
+        return tile
+    out = resize(tile, shape, order=order, anti_aliasing=True, preserve_range=True)
+    return out.astype(np.float32, copy=False)
+
+
 def resample_mosaic_grids(source, out_dir, params: ResampleParams | None = None, *, progress=None,
                           cancel=None) -> SliceStepResult:
     """Resample every tile of every mosaic grid (anti-aliasing Gaussian before linear interpolation).
@@ -46,10 +54,8 @@ def resample_mosaic_grids(source, out_dir, params: ResampleParams | None = None,
         out = create_mosaic_grid_like(out_tmp, mosaic, tile_shape=shape, voxel_size_um=voxel)
         _, ty, tx = shape
         for x, y in mosaic.tile_positions():
-            tile = mosaic.read_tile(x, y)
-            if shape != mosaic.tile_shape:
-                tile = resize(tile, shape, order=params.order, anti_aliasing=True, preserve_range=True)
-            out[:, y * ty : (y + 1) * ty, x * tx : (x + 1) * tx] = tile.astype(np.float32, copy=False)
+            out[:, y * ty : (y + 1) * ty, x * tx : (x + 1) * tx] = resample_tile(mosaic.read_tile(x, y), shape,
+                                                                                params.order)
             tracker.advance(1, f"slice {mosaic.slice_id}: tile x{x} y{y}")
         return {"tile_shape": list(shape), "voxel_size_um": list(voxel)}
 

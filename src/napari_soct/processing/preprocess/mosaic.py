@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import dask.array as da
 import numpy as np
-from skimage.transform import resize
 
+from ..correct.resample import resample_tile, resampled_tile_shape
 from ..io.rawtiles import RawAcquisition, RawFormatError, RawTile, read_raw_frames
 from .galvo import GalvoDecision, decide_galvo_shift, detect_galvo_band
 
@@ -95,11 +95,8 @@ def slice_geometry(
     if legacy_orientation:
         shape = (shape[0], shape[2], shape[1])
         native = (native[0], native[2], native[1])
-    if resolution_um is not None and resolution_um > 0:
-        out_shape = tuple(max(1, int(round(n * v / resolution_um))) for n, v in zip(shape, native))
-        voxel = (float(resolution_um),) * 3
-    else:
-        out_shape, voxel = shape, native
+    out_shape = resampled_tile_shape(shape, native, resolution_um)
+    voxel = (float(resolution_um),) * 3 if resolution_um is not None and resolution_um > 0 else native
     positions = {
         key: (t.info.stage_x_mm, t.info.stage_y_mm) for key, t in acq.tiles.get(slice_id, {}).items()
     }
@@ -151,11 +148,7 @@ def read_corrected_tile(
 ) -> np.ndarray:
     """Read one tile with galvo fix, orientation and optional anti-aliased resampling to the mosaic grid."""
     data = tile.read(galvo_shift, camera_shift=camera_shift, legacy_orientation=legacy_orientation)
-    if data.shape != geometry.tile_shape:
-        data = resize(data, geometry.tile_shape, order=1, anti_aliasing=True, preserve_range=True).astype(
-            np.float32, copy=False
-        )
-    return data
+    return resample_tile(data, geometry.tile_shape)
 
 
 def lazy_raw_mosaic(
