@@ -8,6 +8,7 @@ from pathlib import Path
 import napari
 from magicgui.widgets import (
     CheckBox,
+    ComboBox,
     Container,
     FileEdit,
     Label,
@@ -63,6 +64,7 @@ class StepWidget(Container):
         self.step = step
         self.viewer = napari_viewer
         self.input_widgets = {}
+        self.layer_pickers = {}
         for inp in step.inputs:
             label = inp.name.replace("_", " ")
             if inp.is_array:
@@ -73,6 +75,12 @@ class StepWidget(Container):
                 w = FileEdit(name=inp.name, label=label, mode=mode)
             w.tooltip = inp.help
             self.input_widgets[inp.name] = w
+            if inp.mode == "dir" and napari_viewer is not None:
+                # Inputs can also come from a layer this plugin opened or produced (it knows its files).
+                picker = ComboBox(name=f"{inp.name}_from_layer", label="  or from layer",
+                                  choices=self._source_layer_choices, nullable=True, value=None)
+                picker.changed.connect(lambda value, target=w: self._use_layer_source(value, target))
+                self.layer_pickers[inp.name] = picker
         self.param_widgets = {info.name: _param_widget(info) for info in step.param_infos}
         self._advanced = {i.name for i in step.param_infos if i.advanced}
         self.show_advanced = CheckBox(value=False, label="advanced", name="show_advanced")
@@ -80,7 +88,10 @@ class StepWidget(Container):
         self.cancel_button = PushButton(text="Cancel", name="cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, name="progress", label="progress")
         self.status = Label(value=step.help, name="status", label="")
-        self.extend([*self.input_widgets.values(), *self.param_widgets.values(), self.show_advanced,
+        inputs = []
+        for name, widget in self.input_widgets.items():
+            inputs += [widget, self.layer_pickers[name]] if name in self.layer_pickers else [widget]
+        self.extend([*inputs, *self.param_widgets.values(), self.show_advanced,
                      self.run_button, self.cancel_button, self.progress, self.status])
         self._set_advanced_visible(False)
         self.show_advanced.changed.connect(self._set_advanced_visible)
@@ -91,6 +102,32 @@ class StepWidget(Container):
         self._cancel_event = threading.Event()
         self.worker = None
         self.result = None
+
+        if napari_viewer is not None and self.layer_pickers:
+            napari_viewer.layers.events.inserted.connect(lambda *_: self._refresh_layer_pickers())
+            napari_viewer.layers.events.removed.connect(lambda *_: self._refresh_layer_pickers())
+
+    def _refresh_layer_pickers(self) -> None:
+        for picker in self.layer_pickers.values():
+            picker.reset_choices()
+
+    def _source_layer_choices(self, *_):
+        """Layers that know the files they show: (name, path) for the per-slice files behind them."""
+        if self.viewer is None:
+            return []
+        choices = []
+        for layer in self.viewer.layers:
+            meta = layer.metadata or {}
+            if meta.get("sources"):
+                choices.append((layer.name, Path(meta["sources"][0]).parent))
+            elif meta.get("source") and Path(meta["source"]).exists():
+                choices.append((layer.name, Path(meta["source"])))
+        return choices
+
+    @staticmethod
+    def _use_layer_source(path, target) -> None:
+        if path is not None:
+            target.value = path
 
     def _set_advanced_visible(self, visible: bool) -> None:
         for name in self._advanced:
