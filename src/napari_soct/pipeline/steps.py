@@ -203,3 +203,26 @@ _slice_step("crop", "6. Interface crop", "Detect the tissue surface and keep a p
 _slice_step("normalize", "7. Normalise", "Rescale each slice so a tissue percentile matches across slices.",
             normalize_slices, NormalizeParams, _SLICES)
 
+# --- volume assembly (issue 4) ---------------------------------------------------------------------------------
+from ..processing.stack.rehoming import RehomingParams, RehomingResult, detect_rehoming  # noqa: E402
+
+
+def _rehoming_summary(result: RehomingResult) -> str:
+    glitches = ", ".join(f"{d.fixed_id}->{d.moving_id}" for d in result.glitches) or "none"
+    jumps = ", ".join(f"{d.fixed_id}->{d.moving_id}" for d in result.rehomings) or "none"
+    return f"rehoming: glitch steps corrected: {glitches}; re-homing kept: {jumps}; wrote {result.shifts_path}"
+
+
+register(
+    Step(
+        name="rehoming",
+        title="9. Re-homing detection",
+        help="Correct encoder-glitch spikes in shifts_xy.csv, keep genuine re-homing jumps, stamp reliability.",
+        function=detect_rehoming,
+        params=RehomingParams,
+        inputs=(Input("shifts_csv", "shifts_xy.csv from preprocessing", "file"),
+                Input("out_dir", "Output folder for shifts_xy_clean.csv", "out_dir")),
+        outputs=lambda result: [],
+        summary=_rehoming_summary,
+    )
+)

@@ -16,6 +16,7 @@ __all__ = [
     "BeamProfileWidget",
     "InterfaceCropWidget",
     "NormalizeWidget",
+    "RehomingWidget",
 ]
 
 
@@ -34,6 +35,7 @@ CurvatureWidget = step_widget_class("curvature", "CurvatureWidget")
 BeamProfileWidget = step_widget_class("beam", "BeamProfileWidget")
 InterfaceCropWidget = step_widget_class("crop", "InterfaceCropWidget")
 NormalizeWidget = step_widget_class("normalize", "NormalizeWidget")
+RehomingWidget = step_widget_class("rehoming", "RehomingWidget")
 
 
 # --- label upscaling (issue 8): the generated widget plus a picker for an image layer whose grid to match ------
