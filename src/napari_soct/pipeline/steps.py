@@ -226,3 +226,28 @@ register(
         summary=_rehoming_summary,
     )
 )
+
+
+from ..processing.stack.quality import QualityParams, QualityResult, assess_quality  # noqa: E402
+
+
+def _quality_summary(result: QualityResult) -> str:
+    scores = ", ".join(f"{sid}: {score:.2f}" for sid, score in sorted(result.scores.items()))
+    return f"quality: scores {scores}; auto-excluded: {result.excluded or 'none'}; wrote {result.slice_config_path}"
+
+
+register(
+    Step(
+        name="quality",
+        title="8. Slice quality",
+        help="Score every slice (coverage, contrast, sharpness against the median slice) and mark poor slices "
+        "auto_excluded in slice_config.csv; manual exclusions are kept.",
+        function=assess_quality,
+        params=QualityParams,
+        inputs=(Input("source", "Folder of normalised slices (slice_z*_normalize.ome.zarr)", "dir"),
+                Input("slice_config", "slice_config.csv to start from", "file"),
+                Input("out_dir", "Output folder for the stamped slice_config.csv", "out_dir")),
+        outputs=lambda result: [],
+        summary=_quality_summary,
+    )
+)
