@@ -101,3 +101,13 @@ def test_cli_synth_and_demo(tmp_path, capsys):
     assert "3 mosaic grid(s) written" in printed
     grids = sorted((tmp_path / "d" / "preprocess").glob("mosaic_grid_3d_z*.ome.zarr"))
     assert len(grids) == 3 and str(grids[0]) in printed
+
+
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_every_step_has_a_working_cli(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for info in STEPS[name].param_infos:
+        assert "--" + info.name.replace("_", "-") in text

@@ -36,7 +36,7 @@ class ReconstructParams(SliceRunParams):
     resample: bool = param(False, "Run step 1, resampling (its resolution_um is in the [resample] section)")
     fix_curvature: bool = param(False, "Run step 2, focal curvature correction")
     fix_illumination: bool = param(True, "Run step 3, illumination correction (BaSiC)")
-    config: str = param("", "TOML config file whose step sections set each step's parameters (empty: defaults)")
+    config_file: str = param("", "TOML config file whose step sections set each step's parameters (empty: defaults)")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def reconstruct(mosaic_dir, out_dir, params: ReconstructParams | None = None, *,
     out_dir : path
         One sub-folder per step (``04_stitch/slice_z07_stitch.ome.zarr`` ...).
     step_params : dict, optional
-        ``{step name: params dataclass}``; overrides the config file named in ``params.config``.
+        ``{step name: params dataclass}``; overrides the config file named in ``params.config_file``.
     progress : callable, optional
         ``progress(done, total, message)`` with one unit per step and slice.
     """
@@ -79,7 +79,7 @@ def reconstruct(mosaic_dir, out_dir, params: ReconstructParams | None = None, *,
 
     params = params or ReconstructParams()
     started = time.perf_counter()
-    configured = load_config(params.config) if params.config else {}
+    configured = load_config(params.config_file) if params.config_file else {}
     configured.update(step_params or {})
     run_options = {f.name: getattr(params, f.name) for f in fields(SliceRunParams)}
     chain = [(name, folder) for name, folder, switch in CHAIN if _enabled(params, switch)]

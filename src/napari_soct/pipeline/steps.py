@@ -18,7 +18,7 @@ from ..processing.preprocess import PreprocessParams, PreprocessResult, preproce
 
 __all__ = ["Input", "Step", "STEPS", "register", "get_step", "INPUT_MODES"]
 
-INPUT_MODES = ("dir", "file", "out_dir", "out_file", "image", "labels")
+INPUT_MODES = ("dir", "file", "out_dir", "out_file", "image", "labels", "points")
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,12 @@ class Input:
     name : str
         Argument name of the step function.
     help : str
-    mode : {"dir", "file", "out_dir", "out_file", "image", "labels"}
+    mode : {"dir", "file", "out_dir", "out_file", "image", "labels", "points"}
         Existing folder, existing file, folder or file to create; or an array input: the step receives an
         :class:`~napari_soct.processing.io.images.ImageData`, from a layer in napari or from a path
-        (OME-Zarr, zarr, TIFF, .npy) on the command line.
+        (OME-Zarr, zarr, TIFF, .npy) on the command line; or ``"points"``: ordered points, an ``(N, 3)``
+        array of physical ``(z, y, x)`` (``data * scale + translate``) from a Points layer (or a Shapes
+        layer's first path) in napari, the path of a ``.csv`` / ``.npy`` file on the command line.
     """
 
     name: str
@@ -149,6 +151,7 @@ register(
     )
 )
 
+
 # --- in-slice reconstruction (issue 3): per-slice steps built on processing.slices.run_slice_step ----------
 from ..processing.correct.intensity import (  # noqa: E402
     BeamProfileParams,
@@ -203,6 +206,8 @@ _slice_step("crop", "6. Interface crop", "Detect the tissue surface and keep a p
 _slice_step("normalize", "7. Normalise", "Rescale each slice so a tissue percentile matches across slices.",
             normalize_slices, NormalizeParams, _SLICES)
 
+
+
 # --- volume assembly (issue 4) ---------------------------------------------------------------------------------
 from ..processing.stack.rehoming import RehomingParams, RehomingResult, detect_rehoming  # noqa: E402
 
@@ -249,5 +254,39 @@ register(
                 Input("out_dir", "Output folder for the stamped slice_config.csv", "out_dir")),
         outputs=lambda result: [],
         summary=_quality_summary,
+    )
+)
+
+# --- label upscaling (issue 8) -------------------------------------------------------------------------------
+from ..processing.upscale import UpscaleParams, UpscaleResult, upscale_labels  # noqa: E402
+
+
+def _upscale_summary(result: UpscaleResult) -> str:
+    if result.skipped:
+        return f"upscale-labels: {result.path} exists, kept (if_exists=skip)"
+    shape = "x".join(map(str, result.shape))
+    return (
+        f"upscale-labels: {shape} {result.dtype} labels ({result.uncompressed_bytes / 1e9:.2f} GB uncompressed, "
+        f"{result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.level_shapes)} level(s)) in {result.seconds:.1f} s "
+        f"({result.uncompressed_bytes / max(result.seconds, 1e-9) / 1e6:.0f} MB/s) with {result.workers_used} "
+        f"worker(s), into {result.path}" + "".join(f"\n  note: {n}" for n in result.notes)
+    )
+
+
+register(
+    Step(
+        name="upscale-labels",
+        title="Upscale labels",
+        help="Resample a label volume (e.g. an atlas annotation) by factors, to a shape or to the grid of a "
+        "reference image, keeping every label id exact (nearest or mode), block by block into sharded OME-Zarr "
+        "with a label pyramid, or BigTIFF.",
+        function=upscale_labels,
+        params=UpscaleParams,
+        inputs=(
+            Input("labels", "Label volume (OME-Zarr, zarr, TIFF/BigTIFF, .npy; a Labels layer in napari)", "labels"),
+            Input("out", "Output: a .ome.zarr folder, or a .tif BigTIFF file", "out_file"),
+        ),
+        outputs=lambda result: [(result.path, "labels")] if result.format == "ome-zarr" else [],
+        summary=_upscale_summary,
     )
 )
