@@ -290,3 +290,57 @@ register(
         summary=_upscale_summary,
     )
 )
+
+
+# --- bias field correction (step 15) and atlas alignment (step 16), issue 4 -------------------------------------
+from ..processing.stack.atlas import AtlasParams, AtlasResult, align_to_atlas  # noqa: E402
+from ..processing.stack.bias import BiasFieldParams, BiasFieldResult, correct_bias_field  # noqa: E402
+
+
+def _bias_summary(result: BiasFieldResult) -> str:
+    if result.skipped:
+        return f"bias: {result.path} exists, kept (if_exists=skip)"
+    low, high = result.field_range
+    return (f"bias ({result.mode}): field x{low:.2f} to x{high:.2f} removed (shrink {result.shrink_factors}) in "
+            f"{result.seconds:.1f} s\n  {result.path}\n  {result.metrics_path}")
+
+
+def _atlas_summary(result: AtlasResult) -> str:
+    if result.skipped:
+        return f"atlas: {result.path} exists, kept (if_exists=skip)"
+    rx, ry, rz = result.rotation_deg
+    return (f"atlas: NCC {result.ncc:.3f} with the template; rotation ({rx:.1f}, {ry:.1f}, {rz:.1f}) deg, level "
+            f"{result.level} registered, in {result.seconds:.1f} s\n  {result.path}\n  {result.transform_path}\n"
+            f"  {result.preview_path}")
+
+
+register(
+    Step(
+        name="bias",
+        title="15. Bias field (N4)",
+        help="Remove a smooth multiplicative bias field with SimpleITK's N4, fitted on a shrunk copy (per thick "
+        "section, globally, or both) and applied at full resolution block by block.",
+        function=correct_bias_field,
+        params=BiasFieldParams,
+        inputs=(Input("volume_path", "Stacked volume (OME-Zarr)", "dir"),
+                Input("out_dir", "Output folder for <name>_corrected.ome.zarr", "out_dir")),
+        outputs=lambda result: [(result.path, "image")],
+        summary=_bias_summary,
+    )
+)
+
+register(
+    Step(
+        name="atlas",
+        title="16. Atlas / RAS alignment",
+        help="Reorient the volume from its orientation code, register it rigidly to an atlas template, and "
+        "resample it into the template frame at every pyramid level (transform file and preview too).",
+        function=align_to_atlas,
+        params=AtlasParams,
+        inputs=(Input("volume_path", "Volume to align (OME-Zarr)", "dir"),
+                Input("template_path", "Atlas template (NRRD, NIfTI, MetaImage, TIFF, .npy or OME-Zarr)", "file"),
+                Input("out_dir", "Output folder for <name>_ras.ome.zarr, the .tfm and the preview", "out_dir")),
+        outputs=lambda result: [(result.path, "image")],
+        summary=_atlas_summary,
+    )
+)
