@@ -165,7 +165,9 @@ from ..processing.correct.interface import (  # noqa: E402
     crop_interface,
     fix_focal_curvature,
 )
+from ..processing.correct.illumination import IlluminationParams, correct_illumination  # noqa: E402
 from ..processing.correct.resample import ResampleParams, resample_mosaic_grids  # noqa: E402
+from ..processing.stitch import StitchParams, stitch_slices  # noqa: E402
 from ..processing.slices import SliceStepResult  # noqa: E402
 
 
@@ -199,6 +201,11 @@ _slice_step("resample", "1. Resample", "Resample mosaic grids to an isotropic vo
             "anti-aliased.", resample_mosaic_grids, ResampleParams, _MOSAICS)
 _slice_step("curvature", "2. Focal curvature", "Fit a smooth surface to the tissue interface and shift every "
             "A-line so it becomes flat.", fix_focal_curvature, CurvatureParams, _MOSAICS)
+_slice_step("illumination", "3. Illumination (BaSiC)", "Estimate the flat-field (and optional dark-field) per "
+            "depth plane across the tiles of each slice with BaSiC, and divide it out.", correct_illumination,
+            IlluminationParams, _MOSAICS)
+_slice_step("stitch", "4. Stitch", "Place the tiles of each slice (phase correlation, affine stage model, clamped "
+            "residuals) and blend them into one slice.", stitch_slices, StitchParams, _MOSAICS)
 _slice_step("beam", "5. Beam profile", "Divide out the depth envelope (focus, attenuation) measured on the "
             "tissue-averaged axial profile.", correct_beam_profile, BeamProfileParams, _SLICES)
 _slice_step("crop", "6. Interface crop", "Detect the tissue surface and keep a physical depth below it, per "
@@ -290,6 +297,130 @@ register(
         summary=_upscale_summary,
     )
 )
+
+
+# --- straighten along a path and backproject (issue 6) -----------------------------------------------------
+from ..processing.backproject import (  # noqa: E402
+    BackprojectParams,
+    BackprojectResult,
+    StraightenParams,
+    StraightenResult,
+    backproject_volume,
+    straighten_volume,
+)
+
+
+def _straighten_summary(result: StraightenResult) -> str:
+    if result.skipped:
+        return f"straighten: outputs in {result.out_dir} exist, kept (if_exists=skip)"
+    n, h, w = result.shape
+    return (f"straighten: {n} slices of {h} x {w} ({result.value_mode}) along a path of {result.path_length:.4g} "
+            f"in {result.seconds:.1f} s\n  {result.tiff_path}\n  {result.zarr_path}\n  {result.config_path}")
+
+
+def _backproject_summary(result: BackprojectResult) -> str:
+    if result.skipped:
+        return f"backproject: outputs in {result.out_dir} exist, kept (if_exists=skip)"
+    z, y, x = result.offset_zyx
+    lines = [f"backproject: {'x'.join(map(str, result.shape))} {result.kind} at offset x={x}, y={y}, z={z} "
+             f"({result.voxels_swept} voxels swept) in {result.seconds:.1f} s", f"  {result.tiff_path}"]
+    lines += [f"  {p}" for p in (result.zarr_path, result.config_path) if p is not None]
+    lines += [f"  note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+register(
+    Step(
+        name="straighten",
+        title="Straighten along a path",
+        help="Cut slices perpendicular to a smooth path through ordered points (arc-length spacing, "
+        "rotation-minimising frames) into a straightened volume (TIFF and OME-Zarr) with a "
+        "<name>-configuration.json in Ouroboros's layout.",
+        function=straighten_volume,
+        params=StraightenParams,
+        inputs=(
+            Input("image", "Source volume (z, y, x); an Image or Labels layer's data in napari", "image"),
+            Input("points", "Ordered path points (z, y, x), physical units: a Points layer, or a .csv/.npy file",
+                  "points"),
+            Input("out_dir", "Output folder", "out_dir"),
+        ),
+        outputs=lambda result: [] if result.skipped else [
+            (result.zarr_path, "labels" if result.value_mode == "labels" else "image")],
+        summary=_straighten_summary,
+    )
+)
+
+register(
+    Step(
+        name="backproject",
+        title="Backproject into the source",
+        help="Put a straightened volume (e.g. its segmentation) back into the source volume's voxel space "
+        "using the straightening's configuration (ours or Ouroboros's): labels stay exact, intensities are "
+        "trilinear averages, no holes between slices.",
+        function=backproject_volume,
+        params=BackprojectParams,
+        inputs=(
+            Input("straightened", "Straightened volume (slices, rows, columns): a Labels or Image layer, or a "
+                  "TIFF/OME-Zarr", "image"),
+            Input("configuration", "<name>-configuration.json written by the straightening", "file"),
+            Input("out_dir", "Output folder", "out_dir"),
+        ),
+        outputs=lambda result: [] if result.skipped or result.zarr_path is None else [
+            (result.zarr_path, result.kind)],
+        summary=_backproject_summary,
+    )
+)
+
+
+# --- CT tomography (issue 7): radon, filtered back projection and SART on images and stacks of sinograms --------
+from ..processing.tomography import (  # noqa: E402
+    FbpParams,
+    RadonParams,
+    ReconstructParams,
+    TomographyResult,
+    fbp_stack,
+    radon_stack,
+    reconstruct_stack,
+)
+
+
+def _tomography_summary(result: TomographyResult) -> str:
+    # First line short (the widget's status line); the path on the next.
+    if result.skipped:
+        return f"{result.step}: kept the existing output\n  {result.path}"
+    return (
+        f"{result.step}: {' x '.join(map(str, result.shape))} in {result.seconds:.1f} s ({result.n_slices} slice(s), "
+        f"{result.workers_used} worker(s) x {result.threads_per_worker} thread(s), {result.backend})\n  {result.path}"
+    )
+
+
+_TOMO_OUT = "Output folder (the result is written there as an OME-Zarr image named after the input)"
+_SINOGRAMS = ("Sinogram (detector, angle) or a stack (slice, detector, angle): an Image layer, or a "
+              "TIFF/zarr/OME-Zarr/.npy")
+for _name, _title, _help, _function, _params in (
+    ("radon", "Radon (image -> sinogram)", "Sinograms (detector, angle) of an image or a stack, as "
+     "skimage.transform.radon makes them.", radon_stack, RadonParams),
+    ("fbp", "Filtered back projection", "Images from sinograms by filtered back projection, as "
+     "skimage.transform.iradon.", fbp_stack, FbpParams),
+    ("ct-reconstruct", "Reconstruct (sinogram -> image)", "Images from sinograms by filtered back projection "
+     "or SART, as skimage.transform.iradon / iradon_sart.", reconstruct_stack, ReconstructParams),
+):
+    register(
+        Step(
+            name=_name,
+            title=_title,
+            help=_help,
+            function=_function,
+            params=_params,
+            inputs=(
+                Input("image", "Image (y, x) or stack (slice, y, x): an Image layer, or a TIFF/zarr/OME-Zarr/.npy",
+                      "image") if _name == "radon" else Input("sinograms", _SINOGRAMS, "image"),
+                Input("out_dir", _TOMO_OUT, "out_dir"),
+            ),
+            outputs=lambda result: [(result.path, "image")],
+            summary=_tomography_summary,
+        )
+    )
 
 
 # --- bias field correction (step 15) and atlas alignment (step 16), issue 4 -------------------------------------

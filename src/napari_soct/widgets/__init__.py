@@ -13,6 +13,8 @@ __all__ = [
     "PreprocessWidget",
     "ResampleWidget",
     "CurvatureWidget",
+    "IlluminationWidget",
+    "StitchWidget",
     "BeamProfileWidget",
     "InterfaceCropWidget",
     "NormalizeWidget",
@@ -33,6 +35,8 @@ def step_widget_class(step_name: str, class_name: str) -> type[StepWidget]:
 PreprocessWidget = step_widget_class("preprocess", "PreprocessWidget")
 ResampleWidget = step_widget_class("resample", "ResampleWidget")
 CurvatureWidget = step_widget_class("curvature", "CurvatureWidget")
+IlluminationWidget = step_widget_class("illumination", "IlluminationWidget")
+StitchWidget = step_widget_class("stitch", "StitchWidget")
 BeamProfileWidget = step_widget_class("beam", "BeamProfileWidget")
 InterfaceCropWidget = step_widget_class("crop", "InterfaceCropWidget")
 NormalizeWidget = step_widget_class("normalize", "NormalizeWidget")

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import napari
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -52,6 +53,21 @@ def _param_widget(info: ParamInfo):
     return widget
 
 
+def layer_path_points(layer) -> np.ndarray:
+    """Ordered physical points ``(N, 3)`` (``data * scale + translate``) of a Points layer, or of the first
+    path or line of a Shapes layer."""
+    if isinstance(layer, napari.layers.Shapes):
+        paths = [d for d, kind in zip(layer.data, layer.shape_type) if kind in ("path", "line")]
+        if not paths:
+            raise ValueError(f"layer '{layer.name}' has no path or line shape")
+        data = np.asarray(paths[0], dtype=float)
+    else:
+        data = np.asarray(layer.data, dtype=float)
+    if data.ndim != 2 or data.shape[1] != 3:
+        raise ValueError(f"layer '{layer.name}': need 3D points (z, y, x), got data of shape {data.shape}")
+    return data * np.asarray(layer.scale, float)[-3:] + np.asarray(layer.translate, float)[-3:]
+
+
 class StepWidget(Container):
     """Dock widget for one :class:`~napari_soct.pipeline.steps.Step`.
 
@@ -70,6 +86,8 @@ class StepWidget(Container):
             if inp.is_array:
                 layer_type = napari.layers.Labels if inp.mode == "labels" else napari.layers.Image
                 w = create_widget(annotation=layer_type, name=inp.name, label=label)
+            elif inp.mode == "points":
+                w = ComboBox(name=inp.name, label=label, choices=self._path_layer_choices)
             else:
                 mode = {"dir": "d", "out_dir": "d", "file": "r", "out_file": "w"}[inp.mode]
                 w = FileEdit(name=inp.name, label=label, mode=mode)
@@ -133,6 +151,13 @@ class StepWidget(Container):
         for name in self._advanced:
             self.param_widgets[name].visible = bool(visible)
 
+    def _path_layer_choices(self, _widget=None) -> list:
+        """Points and Shapes layers of the viewer (the choices of a "points" input)."""
+        if self.viewer is None:
+            return []
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, napari.layers.Points | napari.layers.Shapes)]
+
     def params(self):
         """The step's parameter dataclass from the widget values (validated; errors name the parameter)."""
         return params_from_mapping(self.step.params, {n: w.value for n, w in self.param_widgets.items()})
@@ -148,6 +173,11 @@ class StepWidget(Container):
                     raise ValueError(f"choose the {label} layer ({inp.help})")
                 data = value.data[0] if getattr(value, "multiscale", False) else value.data
                 values.append(ImageData(data, tuple(value.scale), value.name, metadata=dict(value.metadata)))
+                continue
+            if inp.mode == "points":
+                if value is None:
+                    raise ValueError(f"choose the {label} layer ({inp.help})")
+                values.append(layer_path_points(value))
                 continue
             path = Path(value)
             if str(value) in ("", "."):

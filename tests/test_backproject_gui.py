@@ -1,0 +1,94 @@
+"""GUI tests of the Straighten and Backproject widgets in a real, shown napari viewer (run under xvfb-run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_backproject import LABEL_BASE, make_tube
+
+napari = pytest.importorskip("napari")
+
+
+def _not_blank(viewer) -> None:
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].astype(float).mean(axis=-1).std() > 5, "screenshot is blank"
+
+
+def test_straighten_then_backproject_from_the_widgets(make_napari_viewer, qtbot, tmp_path):
+    from napari_soct.processing.backproject import straighten_volume
+    from napari_soct.processing.io.images import ImageData
+
+    tube = make_tube(shape=(40, 56, 56))
+    scale = np.asarray(tube["scale"])
+    origin = np.array([0.05, -0.1, 0.2])  # layers placed away from the world origin
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(tube["image"], scale=scale, translate=origin, name="source")
+    labels = viewer.add_labels(tube["labels"], scale=scale, translate=origin, name="mask")
+    # Points drawn in world coordinates over the layers: path + origin.
+    path = viewer.add_points(tube["points"] + origin, name="path", size=0.01)
+    assert isinstance(image, napari.layers.Image)
+
+    _, straighten = viewer.window.add_plugin_dock_widget("napari-soct", "Straighten along a path")
+    straighten.input_widgets["image"].value = labels
+    assert straighten.param_widgets["value_mode"].value == "labels"  # follows the chosen layer type
+    straighten.input_widgets["points"].value = path
+    straighten.input_widgets["out_dir"].value = tmp_path / "straight"
+    straighten.param_widgets["width"].value = 24
+    straighten.param_widgets["height"].value = 24
+    straighten.param_widgets["name"].value = "mask"
+    assert straighten.start() is not None
+    qtbot.waitUntil(lambda: straighten.run_button.enabled and len(viewer.layers) == 4, timeout=60_000)
+    straight = viewer.layers[-1]
+    assert isinstance(straight, napari.layers.Labels), straighten.status.value
+    # The widget passed the path in the source's own coordinates: same slices as a direct call without offsets.
+    direct = straighten_volume(ImageData(tube["labels"], tube["scale"]), tube["points"], tmp_path / "direct",
+                               width=24, height=24, value_mode="labels", name="mask")
+    import tifffile
+
+    expected = tifffile.imread(direct.tiff_path)
+    assert np.asarray(straight.data).shape == expected.shape
+    assert np.array_equal(np.asarray(straight.data), expected)
+    assert (expected[:, 12, 12] >= LABEL_BASE).mean() > 0.9
+
+    _, back = viewer.window.add_plugin_dock_widget("napari-soct", "Backproject into the source")
+    back.input_widgets["straightened"].value = straight
+    back.input_widgets["out_dir"].value = tmp_path / "back"
+    back.param_widgets["memory_budget_gb"].value = 0.01
+    progress = []
+    back._bridge.progressed.connect(lambda d, t, m: progress.append((d, t)))
+    assert back.start() is not None  # the configuration comes from the straightened layer's metadata
+    qtbot.waitUntil(lambda: back.run_button.enabled and len(viewer.layers) == 5, timeout=60_000)
+    placed = viewer.layers[-1]
+    assert isinstance(placed, napari.layers.Labels), back.status.value
+    assert progress and progress[-1][0] == progress[-1][1] >= 1
+    offset = np.asarray(back.result.offset_zyx)
+    np.testing.assert_allclose(placed.translate, origin + offset * scale)
+    np.testing.assert_allclose(placed.scale, scale)
+    # Placed right: read the layer back at each source voxel's world position and compare with the truth.
+    data = np.asarray(placed.data)
+    full = np.zeros(tube["labels"].shape, data.dtype)
+    start = np.round((np.asarray(placed.translate) - origin) / scale).astype(int)
+    full[tuple(slice(a, a + n) for a, n in zip(start, data.shape))] = data
+    region = (tube["dist"] <= 0.1) & (tube["position"] > 0.015) & (tube["position"] < tube["length"] - 0.015)
+    truth, found = (tube["labels"] != 0) & region, (full != 0) & region
+    assert 2 * np.count_nonzero(truth & found) / (truth.sum() + found.sum()) >= 0.97
+    assert np.mean(full[truth & found] == tube["labels"][truth & found]) > 0.99
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, float(origin[0] + tube["points"][3][0]))
+    _not_blank(viewer)
+
+
+def test_widgets_report_bad_input_without_running(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 5, 6), np.float32), name="img")
+    viewer.add_points(np.zeros((3, 2)), name="flat")
+    _, straighten = viewer.window.add_plugin_dock_widget("napari-soct", "Straighten along a path")
+    straighten.input_widgets["points"].value = viewer.layers["flat"]
+    straighten.input_widgets["out_dir"].value = tmp_path
+    assert straighten.start() is None
+    assert "need 3D points" in straighten.status.value
+    _, back = viewer.window.add_plugin_dock_widget("napari-soct", "Backproject into the source")
+    back.input_widgets["out_dir"].value = tmp_path
+    assert back.start() is None
+    assert "choose the configuration" in back.status.value
