@@ -141,3 +141,25 @@ def test_resample_keeps_mean_and_geometry(mosaics, tmp_path):
     assert dst.array.chunks == expected and dst.grid_shape == src.grid_shape
     for x, y in src.tile_positions():
         assert dst.read_tile(x, y).mean() == pytest.approx(src.read_tile(x, y).mean(), rel=0.03)
+
+
+def test_reconstruct_chain_runs_every_step_in_order(tiny_acquisition, tmp_path):
+    from napari_soct.pipeline.reconstruct import ReconstructParams, reconstruct
+
+    acq = tiny_acquisition
+    preprocess_acquisition(acq.raw_dir, tmp_path / "pre", generate_previews=False)
+    calls = []
+    result = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True),
+                         step_params={"normalize": NormalizeParams(smooth_sigma=0.0)},
+                         progress=lambda d, t, m: calls.append((d, t)))
+    assert [r.step for r in result.steps] == ["curvature", "illumination", "stitch", "beam", "crop", "normalize"]
+    assert all(sorted(r.outputs) == acq.slice_ids for r in result.steps)
+    assert calls[-1][0] == calls[-1][1]
+    levels = [slice_reference_level(sample_pixels(open_ome_zarr(p).levels[0])) for p in result.paths]
+    assert np.ptp(levels) / np.mean(levels) < 0.01
+    stitched = open_ome_zarr(result.steps[2].outputs[acq.slice_ids[0]]).levels[0]
+    ny, nx = acq.grid_shape
+    assert stitched.shape[1] < ny * acq.tile_shape[1] and stitched.shape[2] < nx * acq.tile_shape[2]  # overlap removed
+    # Resume: a second run with if_exists=skip keeps every output.
+    again = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True, if_exists="skip"))
+    assert all(r.skipped == acq.slice_ids for r in again.steps)
