@@ -100,7 +100,9 @@ def test_cli_synth_and_demo(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 mosaic grid(s) written" in printed
     grids = sorted((tmp_path / "d" / "preprocess").glob("mosaic_grid_3d_z*.ome.zarr"))
-    assert len(grids) == 3 and str(grids[0]) in printed
+    assert len(grids) == 3
+    finals = sorted((tmp_path / "d" / "reconstruct" / "07_normalize").glob("slice_z*_normalize.ome.zarr"))
+    assert len(finals) == 3 and str(finals[0]) in printed
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))

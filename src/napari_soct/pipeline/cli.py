@@ -106,19 +106,24 @@ def _run_demo(args: argparse.Namespace) -> int:
     from ..processing.synthetic import make_acquisition
 
     out = Path(args.out_dir)
-    print(f"1/2 making the synthetic acquisition '{args.preset}' in {out / 'synthetic'}", file=sys.stderr)
+    print(f"1/3 making the synthetic acquisition '{args.preset}' in {out / 'synthetic'}", file=sys.stderr)
     acq = make_acquisition(out / "synthetic", preset=args.preset, seed=args.seed,
                            progress=_ProgressPrinter("synth", args.quiet))
-    print(f"2/2 preprocessing into {out / 'preprocess'}", file=sys.stderr)
+    print(f"2/3 preprocessing into {out / 'preprocess'}", file=sys.stderr)
     step = STEPS["preprocess"]
     result = step.run(acq.raw_dir, out / "preprocess", params=step.params(),
                       progress=_ProgressPrinter("preprocess", args.quiet))
+    print(f"3/3 reconstructing slices (steps 1-7) into {out / 'reconstruct'}", file=sys.stderr)
+    chain = STEPS["reconstruct"]
+    slices = chain.run(out / "preprocess", out / "reconstruct", params=chain.params(),
+                       progress=_ProgressPrinter("reconstruct", args.quiet))
     print("napari-soct demo finished.")
     print(f"  raw tiles:      {acq.raw_dir}")
     print(f"  ground truth:   {acq.truth_dir}")
     print(step.summary(result))
     print(f"  QC previews:    {out / 'preprocess' / 'previews'}")
-    print(f"Open in napari:   napari {acq.raw_dir}   or   napari {result.mosaic_paths[0]}")
+    print(chain.summary(slices))
+    print(f"Open in napari:   napari {acq.raw_dir}   or   napari {slices.paths[0]}")
     return 0
 
 

@@ -4,49 +4,57 @@ Model
 -----
 BaSiC (Peng et al. 2017, *Nat. Commun.* 8:14836) explains a stack of ``n`` images of the same optics as
 
-    D_i(r) = b_i F(r) + K(r) + E_i(r),
+    D_i(r) = b_i F(r) + k + E_i(r),
 
-a rank-one part (flat-field ``F`` times a per-image baseline ``b_i``), an optional dark-field ``K`` and a sparse
-residual ``E`` (the content that does not follow the shading). With the data scaled to mean 1 it solves
+a rank-one part (flat-field ``F`` times a per-image baseline ``b_i``), an optional dark offset ``k`` and a
+sparse residual ``E`` (the content that does not follow the shading). With the data scaled to mean 1 it solves
 
-    min  lam_F ||C(F)||_1 + lam_K ||C(K)||_1 + (1/n) sum_i ||w_i * E_i||_1   s.t.  D_i = b_i F + K + E_i,
+    min  lam_F ||C(F)||_1 + (1/n) sum_i ||w_i * E_i||_1     s.t.  D_i = b_i F + k + E_i,
 
 where ``C`` is the orthonormal 2-D DCT-II: an L1 penalty on DCT coefficients favours flat-fields made of a few
 smooth cosines. The constrained problem is solved by an inexact augmented Lagrangian (ADMM) on images
-downsampled to ``working_size``: with the scaled multiplier ``U`` and a penalty ``mu`` growing by ``rho`` per
-iteration, each iteration
+downsampled to ``working_size``: with the scaled multiplier ``U`` and a penalty ``mu`` that starts at
+``12.5 / ||D||_2`` and grows by 1.5 per iteration, each iteration
 
-- shrinks the residual: ``E = S_{w/mu}(D - bF - K + U)`` (soft threshold);
-- fits the baselines by least squares ``b_i = <F, D_i - K - E_i + U_i> / <F, F>`` (kept >= 0, mean 1);
+- shrinks the residual: ``E = S_{w/mu}(D - bF - k + U)`` (soft threshold);
+- fits the baselines by least squares ``b_i = <F, D_i - k - E_i + U_i> / <F, F>`` (kept >= 0, mean 1: the
+  rank-one model's scale goes into the flat-field's level);
+- with ``get_darkfield``, estimates ``k`` as the paper does, from the straight line that the images' means
+  over the flat-field's bright half make against their means over its dark half (slope ``F_in / F_out``,
+  intercept ``k (1 - slope)``), clipped to ``[0, darkest pixel]``;
 - takes a proximal gradient step for ``F`` in the DCT domain, ``F = C^-1 S_{lam_F/mu}(C(F + mean_i(D_i - b_i F -
-  K - E_i + U_i)))``, the DC coefficient (the flat-field's level, fixed by ``mean(b) = 1``) left unshrunk;
-- does the same for ``K`` (clipped at 0) when the dark-field is estimated;
-- updates ``U += D - bF - K - E`` and ``mu *= rho``, until ``||D - bF - K - E|| / ||D|| < tolerance``.
+  k - E_i + U_i)))``, the DC coefficient (the level, fixed by ``mean(b) = 1``) left unshrunk;
+- updates ``U += D - bF - k - E``, until ``||D - bF - k - E|| / ||D|| < tolerance``.
 
-Reweighting (the paper's L1 reweighting): after each solve the weights become ``w = 1 / (|E_i| / mean(b_i F + K)
-+ epsilon)`` (normalised to mean 1), which lowers the cost of pixels that clearly are content, and the solve
-is repeated until the flat-field changes by less than ``reweight_tolerance`` (mean absolute relative change).
+Reweighting (the paper's): after each solve the weights become ``w = 1 / (|E_i| / mean(b_i F + k) + epsilon)``
+(normalised to mean 1), which lowers the cost of pixels that clearly are content, and the solve is repeated
+until the flat-field changes by less than ``reweight_tolerance`` (mean absolute relative change).
 
 The automatic smoothness is the paper's rule ``sum|C(mean image)| / 400 * 0.5`` (set for 128 x 128 working
 images), scaled by ``128 / sqrt(h * w)`` so that a smoothness factor means the same at any working size.
 
-Implementation notes (ours, not the paper's): the ADMM runs on many depth planes at once (arrays ``(planes,
-n, h, w)``, per-plane ``mu``, thresholds and convergence) so that small tiles are not dominated by Python
-overhead; consecutive planes are warm-started from the previous plane's flat-field and weights, which cuts
-the reweighting rounds; the flat-field found at working size is brought back to the tile size by evaluating
-its DCT series at the tile's pixel centres (exact, smooth interpolation of the fitted cosines). CuPy is used
-when it is installed and a GPU is present (``backend="auto"``); numpy/scipy is the reference.
+Our choices beyond the paper: the dark-field is one constant per stack (the additive noise floor of OCT),
+not a spatially varying image; the images are low-pass filtered before downsampling (Gaussian of half the
+downsampling factor, then the area average), which keeps speckle from aliasing into the working images; the
+ADMM runs on many depth planes at once (arrays ``(planes, n, h, w)`` with per-plane penalty, thresholds and
+convergence; planes that have converged are frozen, so a plane's result does not depend on its batch); a
+plane can be warm-started from the previous plane's flat-field and weights; the flat-field found at working
+size is brought back to the tile size by evaluating its DCT series at the tile's pixel centres (a smooth,
+exact interpolation of the fitted cosines). CuPy is used when it is installed and a GPU is present
+(``backend="auto"``); numpy/scipy on the CPU is the reference.
 
 Correction of a slice
 ---------------------
-:func:`correct_illumination` estimates one flat-field (and dark-field) per depth plane from all tiles of the
+:func:`correct_illumination` estimates one flat-field (and dark offset) per depth plane from all tiles of the
 slice, as the lab pipeline does, and writes ``(tile - darkfield) / flatfield`` in the same mosaic layout.
 
 Memory: the estimation reads the tiles z-block by z-block and keeps them only at working size (``n_tiles x
 z_block x h x w`` float32, ``z_block`` chosen from ``memory_budget_gb``); the correction then streams tile by
-tile (a tile in, a tile out, the slice's flat-fields: about five tiles). Peak memory is therefore
-``max(n_tiles * z_block * h * w * 4 + ADMM work for a few planes, ~5 tiles) + one tile read`` and does not
-grow with the number of tiles beyond one z-block; the least it needs is ``n_tiles`` planes at working size.
+tile, each tile written as one whole chunk. Peak memory per slice is about
+``max(z_block * P + batch * 14 * P + 3 tiles, 5 tiles) + 2 nz h w * 4`` bytes with ``P = n_tiles * h * w * 4``
+(one plane of all tiles at working size): it grows with the number of tiles only through ``P``, and the
+least it needs is about ``15 P + 3 tiles``. The flat-fields at tile size (one tile's worth) are written as
+``slice_z{NN}_illumination_flatfield.npy`` next to the output (the divided field, values below 0.05 clamped).
 """
 
 from __future__ import annotations
@@ -88,8 +96,6 @@ _MAX_MU_RATIO = 1e7
 _DARK_SMOOTHNESS_RATIO = 0.1
 # Flat-field values below this are treated as this when dividing (a guard against a failed estimate).
 _MIN_FLATFIELD = 0.05
-# Dark-field mode: the baselines' variance (mean 1) below which flat- and dark-field are not separable.
-_MIN_BASELINE_VARIANCE = 0.05
 # Planes solved together: enough elements per ADMM array operation to amortise numpy's per-call cost.
 _BATCH_ELEMENTS = 1 << 18
 
@@ -308,6 +314,29 @@ def _spectral_norm(xp, data):
     return xp.sqrt(value).astype(xp.float32).reshape(g, 1, 1, 1)
 
 
+def _dark_offset(xp, target, flat, previous, darkest):
+    """The constant dark offset ``k`` of ``D_i = b_i F + k`` (the paper's bright/dark-region regression).
+
+    Over the images, the mean of the flat-field's bright half ``m_in,i = b_i F_in + k`` is a straight line of
+    the mean of its dark half ``m_out,i = b_i F_out + k`` with slope ``a = F_in / F_out`` and intercept
+    ``k (1 - a)``; only the ordering of the current flat-field is used, not its level, which the offset
+    would otherwise trade against. Planes whose images do not vary enough keep the previous offset.
+    """
+    bright = (flat >= flat.mean(axis=(2, 3), keepdims=True)).astype(target.dtype)
+    n_bright = xp.maximum(bright.sum(axis=(2, 3), keepdims=True), 1)
+    n_dark = xp.maximum((1 - bright).sum(axis=(2, 3), keepdims=True), 1)
+    m_in = (target * bright).sum(axis=(2, 3), keepdims=True) / n_bright
+    m_out = (target * (1 - bright)).sum(axis=(2, 3), keepdims=True) / n_dark
+    c_out = m_out - m_out.mean(axis=1, keepdims=True)
+    c_in = m_in - m_in.mean(axis=1, keepdims=True)
+    var_out = (c_out * c_out).mean(axis=1, keepdims=True)
+    slope = (c_in * c_out).mean(axis=1, keepdims=True) / xp.maximum(var_out, 1e-12)
+    intercept = m_in.mean(axis=1, keepdims=True) - slope * m_out.mean(axis=1, keepdims=True)
+    usable = (var_out > 1e-4) & (slope > 1.01)
+    offset = xp.where(usable, intercept / xp.where(usable, 1 - slope, -1), previous)
+    return xp.clip(offset, 0, darkest)
+
+
 def _fit_stacks(be: _Backend, data, settings: _Settings, warm: _PlaneState | None = None) -> _StackFit:
     """BaSiC on ``G`` stacks at once: ``data (G, n, h, w)`` float32, each stack with a positive mean."""
     xp = be.xp
@@ -321,8 +350,6 @@ def _fit_stacks(be: _Backend, data, settings: _Settings, warm: _PlaneState | Non
     mean_image = mean_image / mean_image.mean(axis=(2, 3), keepdims=True)
     auto = xp.abs(be.dct2(mean_image)).sum(axis=(2, 3), keepdims=True) / (6.25 * math.sqrt(h * w))
     lam_f = settings.smoothness_flatfield * auto
-    dark_factor = settings.smoothness_darkfield
-    lam_k = (_DARK_SMOOTHNESS_RATIO if dark_factor is None else dark_factor) * auto
     mu0 = _MU_COEF / _spectral_norm(xp, d)
     mu_max = mu0 * _MAX_MU_RATIO
     keep_dc = xp.ones((h, w), dtype=xp.float32)
@@ -330,12 +357,14 @@ def _fit_stacks(be: _Backend, data, settings: _Settings, warm: _PlaneState | Non
 
     if warm is not None:
         flat = be.asarray(warm.flatfield)
-        dark = be.asarray(warm.darkfield) if settings.get_darkfield else xp.zeros_like(flat)
+        dark = (be.asarray(warm.darkfield).mean(axis=(2, 3), keepdims=True) if settings.get_darkfield
+                else xp.zeros((g, 1, 1, 1), dtype=xp.float32))
         weights = be.asarray(warm.weights)
     else:
         flat = xp.ones((g, 1, h, w), dtype=xp.float32)
-        dark = xp.zeros((g, 1, h, w), dtype=xp.float32)
+        dark = xp.zeros((g, 1, 1, 1), dtype=xp.float32)
         weights = xp.ones_like(d)
+    darkest = d.min(axis=(1, 2, 3), keepdims=True)  # a dark offset cannot exceed the darkest pixel
     base = (d * flat).sum(axis=(2, 3), keepdims=True) / (flat * flat).sum(axis=(2, 3), keepdims=True)
     base = base / xp.maximum(base.mean(axis=1, keepdims=True), 1e-12)
 
@@ -362,37 +391,21 @@ def _fit_stacks(be: _Backend, data, settings: _Settings, warm: _PlaneState | Non
                 kept = (resid, base, flat, dark, dual)
             low_rank = base * flat + dark
             resid = _shrink(xp, d - low_rank + dual, weights / mu)
-            # Baselines: least squares against the current flat-field, kept >= 0 and normalised to mean 1
-            # (the rank-one model's scale ambiguity moves into the flat-field's level).
-            target = d - dark - resid + dual
-            base = xp.maximum((target * flat).sum(axis=(2, 3), keepdims=True)
-                              / xp.maximum((flat * flat).sum(axis=(2, 3), keepdims=True), 1e-12), 0)
+            target = d - resid + dual
+            projection = (target * flat).mean(axis=(2, 3), keepdims=True)
+            flat_mean = flat.mean(axis=(2, 3), keepdims=True)
+            flat_power = xp.maximum((flat * flat).mean(axis=(2, 3), keepdims=True), 1e-12)
+            if settings.get_darkfield:
+                dark = _dark_offset(xp, d, flat, dark, darkest)
+            base = xp.maximum((projection - dark * flat_mean) / flat_power, 0)
+            # The rank-one model's scale ambiguity: baselines keep mean 1, the flat-field takes the level.
             level = xp.maximum(base.mean(axis=1, keepdims=True), 1e-12)
             base = base / level
             flat = flat * level
-            if settings.get_darkfield:
-                # Flat- and dark-field trade off through the baselines' spread only: regress every pixel on
-                # the centred baselines, whose slope is the flat-field whatever the dark-field (exact least
-                # squares, scaled by the baselines' variance), then fit the dark-field to what remains.
-                # Where the baselines hardly differ the two cannot be told apart: there the flat-field takes
-                # the shape (the linearised step below) and the dark-field only what it leaves over.
-                spread = base - 1.0
-                var_b = (spread * spread).mean(axis=1, keepdims=True)
-                separable = var_b >= _MIN_BASELINE_VARIANCE
-                var_b = xp.maximum(var_b, _MIN_BASELINE_VARIANCE)
-                regression = (spread * (target + dark)).mean(axis=1, keepdims=True) / var_b
-                linearised = flat + (target - base * flat).mean(axis=1, keepdims=True)
-                step = xp.where(separable, regression, linearised)
-                threshold = xp.where(separable, lam_f / (mu * var_b), lam_f / mu)
-            else:
-                step = flat + (target - base * flat).mean(axis=1, keepdims=True)
-                threshold = lam_f / mu
+            step = flat + (target - dark - base * flat).mean(axis=1, keepdims=True)
             coef = be.dct2(step)
-            coef = coef - keep_dc * (coef - _shrink(xp, coef, threshold))
+            coef = coef - keep_dc * (coef - _shrink(xp, coef, lam_f / mu))
             flat = be.idct2(coef)
-            if settings.get_darkfield:
-                dark_step = (d - base * flat - resid + dual).mean(axis=1, keepdims=True)
-                dark = xp.maximum(be.idct2(_shrink(xp, be.dct2(dark_step), lam_k / mu)), 0)
             gap = d - base * flat - dark - resid
             dual = dual + gap
             rel = be.to_host(xp.sqrt((gap * gap).sum(axis=(1, 2, 3))) / d_norm.reshape(g))
@@ -428,6 +441,7 @@ def _fit_stacks(be: _Backend, data, settings: _Settings, warm: _PlaneState | Non
     flatfield = flat / mean_flat
     low_rank_level = (base * flat + dark).mean(axis=(2, 3), keepdims=True)
     tile_residual = xp.abs(residual).mean(axis=(2, 3), keepdims=True) / xp.maximum(low_rank_level, 1e-12)
+    dark = xp.broadcast_to(dark, (g, 1, h, w))
     state = _PlaneState(flatfield=flatfield, darkfield=dark, weights=weights)
     return _StackFit(
         flatfield=be.to_host(flatfield[:, 0]).astype(np.float32),
