@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -518,16 +518,19 @@ def basic_fit(
     images : array (n, y, x)
         At least two images of the same optics (e.g. all tiles of one depth plane).
     get_darkfield : bool
-        Also estimate an additive dark-field (otherwise it is zero).
-    smoothness_flatfield, smoothness_darkfield : float, optional
-        Factors of the automatic smoothness (None = 1; larger = smoother). The dark-field's automatic value is
-        a tenth of the flat-field's.
+        Also estimate an additive dark offset (ours: one constant; basicpy: an image); otherwise zero.
+    smoothness_flatfield : float, optional
+        Factor of the automatic flat-field smoothness (None = 1; larger = smoother).
+    smoothness_darkfield : float, optional
+        basicpy backend only: factor of the flat-field's automatic value for its dark-field smoothness
+        (None = basicpy's default, a tenth). Our dark-field is a constant and has no smoothness.
     max_iterations : int
         ADMM iterations per reweighting round at most.
     tolerance : float
-        ADMM stops when ``||D - bF - K - E|| / ||D||`` is below it.
+        ADMM stops when ``||D - bF - k - E|| / ||D||`` is below it.
     working_size : int or None
-        Images larger than this (per axis) are area-averaged down to it for the fit; None keeps full size.
+        Images larger than this (per axis) are low-pass filtered and area-averaged down to it for the fit;
+        None keeps the full size.
     max_reweight_iterations, reweight_tolerance, epsilon : optional
         Reweighting rounds at most, the relative flat-field change that ends them, and the weights' epsilon.
     backend : {"auto", "numpy", "basicpy"}
@@ -586,7 +589,6 @@ def _basicpy_fit(array: np.ndarray, settings: _Settings, working_size: int | Non
         kwargs["working_size"] = int(working_size)
     if settings.smoothness_flatfield != 1.0 or settings.smoothness_darkfield is not None:
         # basicpy takes absolute weights: the paper's automatic value (its own default) times our factors.
-        wy, wx = (min(s, working_size or s) for s in array.shape[1:])
         small = _Resampler(array.shape[1:], working_size).down(array)
         mean_image = small.mean(axis=0)
         auto = float(np.abs(scipy.fft.dctn(mean_image / mean_image.mean(), norm="ortho")).sum() / 400 * 0.5)
@@ -611,17 +613,13 @@ def _basicpy_fit(array: np.ndarray, settings: _Settings, working_size: int | Non
 class IlluminationParams(SliceRunParams):
     """Illumination correction: BaSiC flat-field (and dark-field) per depth plane across the tiles of a slice."""
 
-    get_darkfield: bool = param(False, "Also estimate an additive dark-field per plane")
+    get_darkfield: bool = param(False, "Also estimate an additive dark offset per plane (the noise floor)")
     smoothness: float = param(
         1.0, "Flat-field smoothness as a factor of BaSiC's automatic value; larger = smoother", min=0.01,
         max=100.0,
     )
-    smoothness_darkfield: float = param(
-        0.1, "Dark-field smoothness as a factor of the flat-field's automatic value", min=0.001, max=100.0,
-        advanced=True,
-    )
     working_size: int = param(
-        128, "Tiles are area-averaged down to at most this many pixels per side for the fit", min=8,
+        128, "Tiles are low-pass filtered and averaged down to at most this many pixels per side for the fit", min=8,
         max=4096, unit="px", advanced=True,
     )
     max_iterations: int = param(500, "ADMM iterations per reweighting round at most", min=1, max=100000,
@@ -634,7 +632,8 @@ class IlluminationParams(SliceRunParams):
         unit="planes",
     )
     warm_start: bool = param(
-        True, "Start each plane from the previous plane's flat-field and weights (faster)", advanced=True
+        True, "Start each plane from the previous plane's flat-field and weights (about 2x faster; on the bench "
+        "phantom also more accurate)", advanced=True
     )
     backend: str = param(
         "auto", "'auto': ours on CuPy when a GPU is usable, else numpy; 'numpy': ours on the CPU; 'basicpy': "
@@ -647,7 +646,7 @@ class IlluminationParams(SliceRunParams):
                              advanced=True)
 
     def settings(self) -> _Settings:
-        return _settings(self.get_darkfield, self.smoothness, self.smoothness_darkfield, self.max_iterations,
+        return _settings(self.get_darkfield, self.smoothness, None, self.max_iterations,
                          self.tolerance, self.max_reweight_iterations, 1e-2, 0.1)
 
 
