@@ -133,6 +133,11 @@ def _shard_tiles(geometry: SliceGeometry, factor: int) -> tuple[int, int]:
     return (min(factor, geometry.grid_shape[0]), min(factor, geometry.grid_shape[1]))
 
 
+def _median_stage_z(acq: RawAcquisition, slice_id: int) -> float | None:
+    values = [t.info.stage_z_mm for t in acq.tiles.get(slice_id, {}).values()]
+    return float(np.median(values)) if values else None
+
+
 def _write_slice(
     acq: RawAcquisition,
     slice_id: int,
@@ -214,6 +219,8 @@ def _write_slice(
                 {"x": x, "y": y, "stage_x_mm": p[0], "stage_y_mm": p[1]}
                 for (x, y), p in sorted(geometry.stage_positions_mm.items(), key=lambda kv: (kv[0][1], kv[0][0]))
             ],
+            # Stage z of the slice (median over tiles): consecutive slices' difference is the cut thickness.
+            "stage_z_mm": _median_stage_z(acq, slice_id),
             "missing_tiles": [list(m) for m in sorted(missing)],
             "bad_tiles": bad,
             "galvo": asdict(decision) if decision else None,

@@ -444,6 +444,7 @@ def stitch_slices(
         attributes = {"soct": {
             "slice_id": sid, "step": STEP_NAME, "source": str(in_path), "voxel_size_um": [vz, vy, vx],
             "origin_px": [float(v) for v in layout.origin], "origin_mm": list(origin_mm),
+            "stage_z_mm": grid.attributes.get("stage_z_mm"),
             "placement": params.placement, "blending": params.blending,
             "tile_positions_px": [{"x": t[0], "y": t[1], "y_px": float(p[0] - layout.origin[0]),
                                    "x_px": float(p[1] - layout.origin[1])}
