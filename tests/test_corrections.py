@@ -149,7 +149,7 @@ def test_reconstruct_chain_runs_every_step_in_order(tiny_acquisition, tmp_path):
     acq = tiny_acquisition
     preprocess_acquisition(acq.raw_dir, tmp_path / "pre", generate_previews=False)
     calls = []
-    result = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True),
+    result = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True, assemble=False),
                          step_params={"normalize": NormalizeParams(smooth_sigma=0.0)},
                          progress=lambda d, t, m: calls.append((d, t)))
     assert [r.step for r in result.steps] == ["curvature", "illumination", "stitch", "beam", "crop", "normalize"]
@@ -160,6 +160,13 @@ def test_reconstruct_chain_runs_every_step_in_order(tiny_acquisition, tmp_path):
     stitched = open_ome_zarr(result.steps[2].outputs[acq.slice_ids[0]]).levels[0]
     ny, nx = acq.grid_shape
     assert stitched.shape[1] < ny * acq.tile_shape[1] and stitched.shape[2] < nx * acq.tile_shape[2]  # overlap removed
-    # Resume: a second run with if_exists=skip keeps every output.
-    again = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True, if_exists="skip"))
-    assert all(r.skipped == acq.slice_ids for r in again.steps)
+    # Resume: a second run keeps every finished step (records match); a changed parameter recomputes that step
+    # and the ones after it only.
+    again = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True, assemble=False),
+                        step_params={"normalize": NormalizeParams(smooth_sigma=0.0)})
+    assert [o.action for o in again.outcomes] == ["kept"] * 6
+    changed = reconstruct(tmp_path / "pre", tmp_path / "rec", ReconstructParams(fix_curvature=True, assemble=False),
+                          step_params={"normalize": NormalizeParams(smooth_sigma=0.0), "crop": InterfaceCropParams(
+                              depth_um=200.0)})
+    assert [o.action for o in changed.outcomes] == ["kept"] * 4 + ["ran"] * 2
+    assert open_ome_zarr(changed.paths[0]).levels[0].shape[0] == 20

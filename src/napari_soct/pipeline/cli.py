@@ -1,4 +1,5 @@
-"""``napari-soct`` command line: one sub-command per registered step, plus ``synth``, ``demo`` and ``config``.
+"""``napari-soct`` command line: one sub-command per registered step, plus ``run``, ``synth``, ``demo`` and
+``config``.
 
 Options of a step sub-command are generated from its parameter dataclass; values come from the defaults,
 then the step's section of ``--config FILE``, then the options given on the command line.
@@ -127,6 +128,28 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import load_run_file
+    from .runner import run_pipeline
+
+    run, configured = load_run_file(args.run_file)
+    overrides = {k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers)) if v is not None}
+    run = replace(run, **overrides)
+    result = run_pipeline(run, step_params=configured, rerun_from=args.from_step, until=args.until,
+                          progress=_ProgressPrinter("run", args.quiet))
+    for o in result.outcomes:
+        state = {"kept": "kept (finished earlier)", "resumed": "resumed", "ran": "ran"}[o.action]
+        print(f"  {o.step:14s} {state}" + (f" in {o.seconds:.1f} s" if o.action != "kept" else ""))
+    print(f"run finished in {result.seconds:.1f} s into {result.out_dir}")
+    if result.volume is not None:
+        print(f"  volume: {result.volume}")
+    if result.report is not None:
+        print(f"  report: {result.report}")
+    return 0
+
+
 def _run_config(args: argparse.Namespace) -> int:
     from .config import defaults_toml, load_config
 
@@ -155,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(handler=handler)
+    p = sub.add_parser("run", help="run everything from raw tiles to the volume, as a run file says (resumable)",
+                       description="Preprocessing, reconstruction (steps 1-16) and the report, as RUN_FILE says "
+                       "(make one with `napari-soct config --defaults > run.toml`). Re-running keeps finished "
+                       "steps whose inputs and parameters did not change.")
+    p.add_argument("run_file", type=Path, metavar="RUN_FILE")
+    p.add_argument("--from", dest="from_step", metavar="STEP", help="recompute from this step on")
+    p.add_argument("--until", metavar="STEP", help="stop after this step")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="'local' (a LocalCluster, default), 'threads', or a dask scheduler address tcp://host:port")
+    p.add_argument("--workers", type=int, metavar="N", help="parallel slices (local cluster processes)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_run_pipeline)
     p = sub.add_parser("config", help="print a config file with every step's defaults, or check one")
     p.add_argument("--defaults", action="store_true", help="print the defaults (the default action)")
     p.add_argument("--check", type=Path, metavar="FILE", help="validate a config file")

@@ -17,6 +17,9 @@ import os
 import re
 import threading
 import time
+import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -28,7 +31,8 @@ from .io.atomic import IF_EXISTS_CHOICES
 from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
-__all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag"]
+__all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
+           "current_client", "slices_on_client"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -213,18 +217,12 @@ def run_slice_step(
         return result
 
     metrics: dict[int, dict] = {}
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix=f"soct-{step}") as pool:
-        futures = {pool.submit(one, sid): sid for sid in to_run}
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        if any(f.exception() for f in done):
-            stop.event.set()
-        wait(futures)
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            real = [e for e in errors if not isinstance(e, Cancelled)]
-            raise (real or errors)[0]
-        for future, sid in futures.items():
-            metrics[sid] = future.result()
+    client = current_client()
+    if client is not None and to_run:
+        metrics = _run_on_client(client, step, inputs, targets, to_run, process_slice, params, units, tracker, stop)
+        n_workers = len(client.scheduler_info().get("workers", {})) or n_workers
+    else:
+        metrics = _run_in_threads(step, one, to_run, n_workers, stop)
     seconds = time.perf_counter() - started
     record = {
         "step": step,
@@ -248,3 +246,67 @@ def run_slice_step(
         workers_used=n_workers,
         skipped=skipped,
     )
+
+
+def _run_in_threads(step: str, one, to_run: list[int], n_workers: int, stop: StopFlag) -> dict[int, dict]:
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix=f"soct-{step}") as pool:
+        futures = {pool.submit(one, sid): sid for sid in to_run}
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() for f in done):
+            stop.event.set()
+        wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            real = [e for e in errors if not isinstance(e, Cancelled)]
+            raise (real or errors)[0]
+        return {sid: future.result() for future, sid in futures.items()}
+
+
+# ---------------------------------------------------------------------------------------- dask.distributed
+_CLIENT: ContextVar = ContextVar("napari_soct_dask_client", default=None)
+
+
+def current_client():
+    """The ``distributed.Client`` per-slice steps submit their slices to, or None (local threads)."""
+    return _CLIENT.get()
+
+
+@contextmanager
+def slices_on_client(client):
+    """Run every per-slice step called inside this block as one dask task per slice on ``client``.
+
+    The caller owns the client (a ``LocalCluster``, a SLURM/Kubernetes cluster, ``Client("tcp://...")``);
+    nothing here starts or stops one. ``None`` keeps the local thread pool.
+    """
+    token = _CLIENT.set(client)
+    try:
+        yield client
+    finally:
+        _CLIENT.reset(token)
+
+
+def _slice_task(process_slice, in_path: Path, target: Path, overwrite: bool, units: int) -> dict:
+    """One slice on a dask worker: the same atomic output as locally, progress counted on the driver."""
+    with atomic_output(target, "overwrite" if overwrite else "error") as tmp:
+        return process_slice(in_path, tmp, Progress(units)) or {}
+
+
+def _run_on_client(client, step, inputs, targets, to_run, process_slice, params, units, tracker, stop):
+    from distributed import as_completed
+
+    futures = {
+        client.submit(_slice_task, process_slice, inputs[sid], targets[sid], params.if_exists == "overwrite",
+                      units[sid], key=f"soct-{step}-z{sid:02d}-{uuid.uuid4().hex[:8]}", pure=False): sid
+        for sid in to_run
+    }
+    metrics: dict[int, dict] = {}
+    try:
+        for future in as_completed(futures):
+            sid = futures[future]
+            metrics[sid] = future.result()  # re-raises the worker's exception
+            tracker.advance(units[sid], f"slice {sid} done")
+    except BaseException:
+        stop.event.set()
+        client.cancel(list(futures))
+        raise
+    return metrics

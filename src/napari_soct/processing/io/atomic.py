@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import re
 import uuid
 from pathlib import Path
 
-__all__ = ["OutputExistsError", "atomic_output", "check_can_write", "IF_EXISTS_CHOICES"]
+__all__ = ["OutputExistsError", "atomic_output", "check_can_write", "IF_EXISTS_CHOICES", "remove_stale_temporaries"]
 
 IF_EXISTS_CHOICES = ("error", "skip", "overwrite")
 
@@ -82,3 +83,29 @@ def atomic_output(path: str | os.PathLike, if_exists: str = "error"):
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Clean what a killed process left in ``folder`` (not recursively): half-written temporaries are removed;
+    a result moved aside by an interrupted overwrite is put back when its replacement never arrived.
+
+    Only call this when no other process writes into ``folder``. Returns the paths removed or restored.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cleaned = []
+    for entry in sorted(folder.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if not match:
+            continue
+        final = folder / match.group("name")
+        if match.group("kind") == "old" and not final.exists():
+            os.replace(entry, final)
+        else:
+            _remove(entry)
+        cleaned.append(entry)
+    return cleaned

@@ -137,11 +137,11 @@ def clean_shifts(shifts: list[SliceShift], params: RehomingParams) -> list[StepD
     return decisions
 
 
-def detect_rehoming(shifts_csv, out_dir, params: RehomingParams | None = None, *, progress=None,
-                    cancel=None) -> RehomingResult:
+def detect_rehoming(shifts_csv, out_dir, params: RehomingParams | None = None, *, slice_config=None,
+                    progress=None, cancel=None) -> RehomingResult:
     """Step 9: write ``shifts_xy_clean.csv`` (glitches corrected, ``reliable`` stamped) and
-    ``rehoming_report.json``; when a ``slice_config.csv`` sits next to the shifts, a copy with ``rehomed`` and
-    ``rehoming_reliable`` stamped (manual choices kept) is written too.
+    ``rehoming_report.json``; a copy of ``slice_config`` (default: the ``slice_config.csv`` next to the shifts,
+    when there is one) with ``rehomed`` and ``rehoming_reliable`` stamped (manual choices kept) is written too.
     """
     params = params or RehomingParams()
     validate_params(params)
@@ -150,7 +150,9 @@ def detect_rehoming(shifts_csv, out_dir, params: RehomingParams | None = None, *
     decisions = clean_shifts(shifts, params)
     shifts_out = out_dir / "shifts_xy_clean.csv"
     report = out_dir / "rehoming_report.json"
-    config_in = shifts_csv.parent / "slice_config.csv"
+    config_in = Path(slice_config) if slice_config else shifts_csv.parent / "slice_config.csv"
+    if slice_config and not config_in.is_file():
+        raise FileNotFoundError(f"slice_config: {config_in} does not exist")
     config_out = out_dir / "slice_config.csv" if config_in.exists() else None
     write_now = check_can_write(shifts_out, params.if_exists)
     if write_now:

@@ -1,0 +1,149 @@
+"""One run from raw tiles to the brain volume: ``napari-soct run run.toml``.
+
+The run file is the usual config file (one section per step, see :mod:`napari_soct.pipeline.config`) plus a
+``[run]`` section (:class:`RunParams`: the folders, which optional steps run, a profile). The run is the
+preprocessing followed by the reconstruction chain (:func:`napari_soct.pipeline.reconstruct.reconstruct`'s
+stages); no step is re-implemented here.
+
+Where it runs: per-slice steps submit one dask task per slice. ``scheduler="local"`` (default) starts a
+``distributed.LocalCluster`` of ``workers`` single-threaded processes on this machine for the run;
+``scheduler="threads"`` uses a thread pool in this process (no dask); ``scheduler="tcp://host:port"`` (or a
+``distributed.Client`` given from Python) uses an existing cluster, which the caller owns (SLURM, Kubernetes:
+see ``docs/cluster.md``). Steps that are not per slice run in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..processing.params import param
+from .chain import ChainState, StageOutcome, folder_fingerprint, run_stages
+from .reconstruct import ReconstructParams, enabled_stages, run_options
+from .steps import STEPS
+
+__all__ = ["RunParams", "RunResult", "run_pipeline", "PROFILES", "PREPROCESS_STAGE"]
+
+#: Named parameter sets, like the lab's Nextflow profiles: ``{section: {key: value}}`` applied over the
+#: defaults, below what the run file sets itself.
+PROFILES: dict[str, dict[str, dict]] = {
+    # Trust the stage: rotation only from registration, tight confidence gates, no image-based refinement.
+    "conservative": {
+        "stack": {"apply_rotation_only": True, "confidence_full": 0.8, "confidence_rotation": 0.5},
+        "register": {"max_rotation_deg": 2.0},
+    },
+    # Trust the images: full transforms at lower confidence, refine unreliable stage transitions.
+    "aggressive": {
+        "stack": {"apply_rotation_only": False, "confidence_full": 0.4, "confidence_rotation": 0.2},
+        "common-space": {"refine_unreliable": True},
+    },
+    # The shortest path to a volume: only the steps that cannot be skipped.
+    "minimal": {
+        "run": {"fix_illumination": False, "assess_quality": False, "detect_rehoming": False,
+                "interpolate_missing": False, "auto_exclude": False, "correct_bias": False},
+    },
+}
+
+
+@dataclass
+class RunParams(ReconstructParams):
+    """The ``[run]`` section of a run file."""
+
+    raw_dir: str = param("", "Raw acquisition folder (tile_x*_y*_z* folders)")
+    out_dir: str = param("", "Output folder of the run (one sub-folder per step, records in .soct/)")
+    profile: str = param("", "Named parameter set applied under the file's own values",
+                         choices=("", *PROFILES))
+    scheduler: str = param("local", "'local': a LocalCluster of `workers` processes; 'threads': this process; "
+                           "or the address of a running dask scheduler (tcp://host:port)")
+
+
+#: Preprocessing, the stage before the reconstruction chain.
+def _preprocess(step, state, where, run):
+    r = step.function(state.raw_dir, where, **run)
+    state.mosaic_dir = where
+    state.shifts = r.shifts_path
+    state.slice_config = r.slice_config_path
+    return r, [*r.mosaic_paths, r.shifts_path]
+
+
+def _stage_preprocess():
+    from .chain import Stage
+
+    return Stage("preprocess", "00_preprocess", None, _preprocess)
+
+
+PREPROCESS_STAGE = _stage_preprocess()
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    volume: Path | None = None
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str, workers: int, memory_budget_gb: float, client=None):
+    """The client the run submits slices to (None: threads); closes only what it opened."""
+    from ..processing.slices import slices_on_client
+
+    if client is not None:
+        with slices_on_client(client):
+            yield client
+        return
+    if scheduler == "threads":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               memory_limit=f"{memory_budget_gb / workers:.3f}GiB")
+        with cluster, Client(cluster) as own, slices_on_client(own):
+            yield own
+        return
+    with Client(scheduler) as own, slices_on_client(own):
+        yield own
+
+
+def run_pipeline(run: RunParams | str | Path, *, step_params: dict | None = None, rerun_from: str | None = None,
+                 until: str | None = None, client=None, progress=None, cancel=None) -> RunResult:
+    """Raw tiles to brain volume: preprocessing, steps 1-16 and the report, resumable.
+
+    Parameters
+    ----------
+    run : RunParams or path
+        The ``[run]`` parameters, or a run file (TOML) holding them and the step sections.
+    step_params : dict, optional
+        ``{step name: params dataclass}`` overriding the file.
+    rerun_from, until : str, optional
+        Recompute from this step on (earlier steps are kept) / stop after this step.
+    client : distributed.Client, optional
+        Run the per-slice tasks on this client (overrides ``run.scheduler``); the caller keeps ownership.
+    """
+    from .config import load_run_file
+
+    configured: dict = {}
+    if not isinstance(run, RunParams):
+        run, configured = load_run_file(run)
+    configured.update(step_params or {})
+    if not run.raw_dir or not run.out_dir:
+        raise ValueError("[run] raw_dir and out_dir must both be given")
+    raw_dir, out_dir = Path(run.raw_dir), Path(run.out_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"[run] raw_dir: {raw_dir} is not a folder")
+    started = time.perf_counter()
+    state = ChainState(out_dir, raw_dir=raw_dir, atlas_template=run.atlas_template)
+    stages = [PREPROCESS_STAGE, *enabled_stages(run)]
+    missing = [s.step for s in stages if s.step not in STEPS]
+    if missing:
+        raise ValueError(f"step(s) {', '.join(missing)} are not available in this installation")
+    with _dask_client(run.scheduler, run.workers, run.memory_budget_gb, client):
+        outcomes = run_stages(stages, state, configured=configured, options=run_options(run),
+                              origin=folder_fingerprint(raw_dir), rerun_from=rerun_from, until=until,
+                              progress=progress, cancel=cancel)
+    return RunResult(out_dir, outcomes, state.volume, state.report, time.perf_counter() - started)
