@@ -131,8 +131,8 @@ def _with_options(params, options: dict):
 
 
 def run_stages(stages: list[Stage], state: ChainState, *, configured: dict, options: dict, origin: str,
-               rerun_from: str | None = None, until: str | None = None, progress=None,
-               cancel=None) -> list[StageOutcome]:
+               rerun_from: str | None = None, until: str | None = None, progress=None, cancel=None,
+               on_stage: Callable[[StageOutcome, ChainState], None] | None = None) -> list[StageOutcome]:
     """Run ``stages`` in order with resume records under ``state.out_dir / ".soct"``.
 
     Parameters
@@ -150,6 +150,8 @@ def run_stages(stages: list[Stage], state: ChainState, *, configured: dict, opti
         Stop after this stage.
     progress : callable, optional
         ``progress(done, total, message)``, 1000 units per stage.
+    on_stage : callable, optional
+        ``on_stage(outcome, state)`` after each stage (kept or run), e.g. to show its outputs.
     """
     names = [s.step for s in stages]
     for name, label in ((rerun_from, "from"), (until, "until")):
@@ -179,6 +181,8 @@ def run_stages(stages: list[Stage], state: ChainState, *, configured: dict, opti
             state.update_from(record.get("state", {}))
             outcomes.append(StageOutcome(stage.step, "kept", outputs=[Path(p) for p in record["outputs"]]))
             sub(1, 1, "kept (finished earlier with the same inputs and parameters)")
+            if on_stage is not None:
+                on_stage(outcomes[-1], state)
         else:
             if where != state.out_dir:
                 remove_stale_temporaries(where)
@@ -203,6 +207,8 @@ def run_stages(stages: list[Stage], state: ChainState, *, configured: dict, opti
             })
             pending_path.unlink(missing_ok=True)
             outcomes.append(StageOutcome(stage.step, action, result, seconds, list(outputs)))
+            if on_stage is not None:
+                on_stage(outcomes[-1], state)
         if stage.step == until:
             break
     return outcomes

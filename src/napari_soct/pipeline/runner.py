@@ -111,7 +111,7 @@ def _dask_client(scheduler: str, workers: int, memory_budget_gb: float, client=N
 
 
 def run_pipeline(run: RunParams | str | Path, *, step_params: dict | None = None, rerun_from: str | None = None,
-                 until: str | None = None, client=None, progress=None, cancel=None) -> RunResult:
+                 until: str | None = None, client=None, progress=None, cancel=None, on_stage=None) -> RunResult:
     """Raw tiles to brain volume: preprocessing, steps 1-16 and the report, resumable.
 
     Parameters
@@ -124,6 +124,8 @@ def run_pipeline(run: RunParams | str | Path, *, step_params: dict | None = None
         Recompute from this step on (earlier steps are kept) / stop after this step.
     client : distributed.Client, optional
         Run the per-slice tasks on this client (overrides ``run.scheduler``); the caller keeps ownership.
+    progress, cancel, on_stage
+        See :func:`napari_soct.pipeline.chain.run_stages`.
     """
     from .config import load_run_file
 
@@ -145,5 +147,5 @@ def run_pipeline(run: RunParams | str | Path, *, step_params: dict | None = None
     with _dask_client(run.scheduler, run.workers, run.memory_budget_gb, client):
         outcomes = run_stages(stages, state, configured=configured, options=run_options(run),
                               origin=folder_fingerprint(raw_dir), rerun_from=rerun_from, until=until,
-                              progress=progress, cancel=cancel)
+                              progress=progress, cancel=cancel, on_stage=on_stage)
     return RunResult(out_dir, outcomes, state.volume, state.report, time.perf_counter() - started)
