@@ -114,7 +114,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     step = STEPS["preprocess"]
     result = step.run(acq.raw_dir, out / "preprocess", params=step.params(),
                       progress=_ProgressPrinter("preprocess", args.quiet))
-    print(f"3/3 reconstructing slices (steps 1-7) into {out / 'reconstruct'}", file=sys.stderr)
+    print(f"3/3 reconstructing (steps 1-16 and the report) into {out / 'reconstruct'}", file=sys.stderr)
     chain = STEPS["reconstruct"]
     slices = chain.run(out / "preprocess", out / "reconstruct", params=chain.params(),
                        progress=_ProgressPrinter("reconstruct", args.quiet))
@@ -124,7 +124,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(step.summary(result))
     print(f"  QC previews:    {out / 'preprocess' / 'previews'}")
     print(chain.summary(slices))
-    print(f"Open in napari:   napari {acq.raw_dir}   or   napari {slices.paths[0]}")
+    shown = slices.volume or slices.paths[0]
+    print(f"Open in napari:   napari {acq.raw_dir}   or   napari {shown}")
     return 0
 
 

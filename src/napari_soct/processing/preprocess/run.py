@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..io.atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
+from ..io.atomic import atomic_output, check_can_write
 from ..io.omezarr import COMPRESSION_CHOICES, create_ome_zarr_image
 from ..io.rawtiles import BadTileWarning, RawAcquisition, RawFormatError, open_raw_acquisition
 from ..io.tables import SliceConfigRow, write_shifts_xy, write_slice_config
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Cancelled, Progress, ProgressCallback
-from ..slices import StopFlag
+from ..slices import SliceRunParams, StopFlag
 from .galvo import GalvoDecision
 from .mosaic import SliceGeometry, galvo_decision_for_slice, mosaic_grid_name, read_corrected_tile, slice_geometry
 from .previews import save_previews
@@ -31,7 +31,7 @@ GIB = 1024**3
 
 
 @dataclass
-class PreprocessParams:
+class PreprocessParams(SliceRunParams):
     """Parameters of the preprocessing step (raw tiles to mosaic grids)."""
 
     axial_resolution_um: float = param(
@@ -64,12 +64,6 @@ class PreprocessParams:
     on_bad_tile: str = param(
         "warn", "A broken tile: 'warn' treats it as missing and notes it, 'error' stops",
         choices=("warn", "error"),
-    )
-    workers: int = param(2, "Slices processed in parallel (at most)", min=1, max=256)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB")
-    if_exists: str = param(
-        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
-        choices=IF_EXISTS_CHOICES,
     )
 
 

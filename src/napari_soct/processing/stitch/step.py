@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.atomic import IF_EXISTS_CHOICES, check_can_write
+from ..io.atomic import check_can_write
 from ..io.mosaic import MosaicGrid, open_mosaic_grid
 from ..io.omezarr import COMPRESSION_CHOICES, create_ome_zarr_pyramid, pyramid_level_count
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Progress, ProgressCallback
-from ..slices import SliceStepResult, StopFlag, find_slice_files, run_slice_step, slice_output_name
+from ..slices import (SliceRunParams, SliceStepResult, StopFlag, find_slice_files, run_slice_step,
+                      slice_output_name)
 from .blend import BLENDING_CHOICES, TileCache, canvas_layout, diffusion_solve_bytes, stitch_blocks
 from .pairwise import PairEstimate, _overlap_regions, register_grid, tile_projection, upsampled_phase_correlation
 from .placement import (
@@ -50,7 +51,7 @@ STEP_NAME = "stitch"
 
 
 @dataclass
-class StitchParams:
+class StitchParams(SliceRunParams):
     """Parameters of the stitching step (mosaic grids to stitched slices)."""
 
     placement: str = param(
@@ -88,12 +89,6 @@ class StitchParams:
     )
     compression: str = param("blosc-lz4", "Compression of the stitched slices", choices=COMPRESSION_CHOICES,
                              advanced=True)
-    workers: int = param(2, "Slices processed in parallel (at most)", min=1, max=256)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB")
-    if_exists: str = param(
-        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
-        choices=IF_EXISTS_CHOICES,
-    )
 
 
 @dataclass
