@@ -117,6 +117,13 @@ def test_ome_zarr_labels_exact_uint64_and_subsampled_levels(tmp_path):
     assert {BIG_ID, BIG_ID + 1, 2**64 - 1} <= set(np.unique(zarr.open_array(str(path / "0"))[...]).tolist())
     with pytest.raises(ValueError, match="integer dtype"):
         save_ome_zarr(tmp_path / "bad.ome.zarr", labels.astype(np.float32), kind="labels")
+    # Our reader gives it back as a labels layer at the same place.
+    from napari_soct._layers import ome_zarr_layers
+
+    (data, kwargs, kind), = ome_zarr_layers(path)
+    assert kind == "labels" and "contrast_limits" not in kwargs
+    assert kwargs["translate"] == pytest.approx((1.0, 2.0, 3.0)) and kwargs["scale"] == pytest.approx(
+        (0.02, 0.005, 0.005))
 
 
 def test_ome_zarr_multiscale_levels_written_as_given(tmp_path):

@@ -116,10 +116,11 @@ def _contrast_sample(levels) -> np.ndarray:
     return np.asarray(coarsest[tuple(slice(a, a + c) for a, c in zip(start, chunk))])
 
 
-def ome_zarr_layers(path, kind: str = "image") -> list[tuple]:
-    """One layer (``kind`` "image" or "labels") for an OME-Zarr image, multiscale when it has several
-    levels, scale in mm."""
+def ome_zarr_layers(path, kind: str | None = None) -> list[tuple]:
+    """One layer (``kind`` "image" or "labels"; None: labels when the file says so) for an OME-Zarr image,
+    multiscale when it has several levels, scale and translation in mm."""
     image = open_ome_zarr(path)
+    kind = kind or ("labels" if image.is_labels else "image")
     pyramid = image.pyramid()
     scale = image.scales_mm[0]
     units = tuple("mm" if a in "zyx" else "pixel" for a in image.axes)
@@ -129,6 +130,7 @@ def ome_zarr_layers(path, kind: str = "image") -> list[tuple]:
         "units": units,
         "axis_labels": image.axes,
         "multiscale": len(pyramid) > 1,
+        "translate": image.translation_mm or (0.0,) * len(scale),
         "metadata": {"source": str(path), "ngff_version": image.version, **image.attributes},
     }
     if kind == "image":

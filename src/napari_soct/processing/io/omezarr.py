@@ -116,6 +116,8 @@ class OmeZarrImage:
     version: str
     name: str = ""
     attributes: dict = field(default_factory=dict)
+    translation_mm: tuple[float, ...] | None = None  # physical position of voxel 0 of level 0 (None: origin)
+    is_labels: bool = False  # NGFF "image-label" metadata: integer label ids
 
     def as_dask(self, level: int = 0) -> da.Array:
         """Level ``level`` as a dask array chunked like the zarr array."""
@@ -184,20 +186,27 @@ def open_ome_zarr(path: str | os.PathLike) -> OmeZarrImage:
     axes = tuple(a["name"] if isinstance(a, dict) else str(a) for a in axes_meta)
     units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta]
     levels, scales = [], []
+    translation = None
     for ds in ms["datasets"]:
         arr = group[ds["path"]]
         scale = [1.0] * arr.ndim
+        shift = None
         for t in ds.get("coordinateTransformations", []):
             if t.get("type") == "scale":
                 scale = [float(s) for s in t["scale"]]
+            elif t.get("type") == "translation":
+                shift = [float(v) for v in t["translation"]]
+        factors = [1.0] * arr.ndim
         for i, unit in enumerate(units):
             if unit in _UNIT_TO_MM:
-                scale[i] *= _UNIT_TO_MM[unit]
+                factors[i] = _UNIT_TO_MM[unit]
             elif unit is None and axes[i] in "zyx":
                 # Legacy unit-less files: lab convention, scale < 1 means mm, else um.
-                scale[i] = scale[i] if scale[-1] < 1 else scale[i] * 1e-3
+                factors[i] = 1.0 if scale[-1] < 1 else 1e-3
+        if not levels and shift is not None:
+            translation = tuple(v * f for v, f in zip(shift, factors))
         levels.append(arr)
-        scales.append(tuple(scale))
+        scales.append(tuple(v * f for v, f in zip(scale, factors)))
     extra = {k: v for k, v in attrs.items() if k not in ("ome", "multiscales", "omero")}
     return OmeZarrImage(
         path=path,
@@ -207,6 +216,8 @@ def open_ome_zarr(path: str | os.PathLike) -> OmeZarrImage:
         version=version,
         name=ms.get("name", path.name),
         attributes=extra,
+        translation_mm=translation,
+        is_labels="image-label" in ome,
     )
 
 
