@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_soct.pipeline.reconstruct import reconstruct
+from napari_soct.pipeline.reconstruct import ReconstructParams, reconstruct
 from napari_soct.processing.io.omezarr import open_ome_zarr
 from napari_soct.processing.preprocess import preprocess_acquisition
 from napari_soct.processing.synthetic import make_acquisition
@@ -26,7 +26,7 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     acq = make_acquisition(root / "acq", preset="tiny", seed=0, n_slices=4)
     preprocess_acquisition(acq.raw_dir, root / "mosaic", generate_previews=False)
-    result = reconstruct(root / "mosaic", root / "rec")
+    result = reconstruct(root / "mosaic", root / "rec", ReconstructParams(assemble=False))
     return acq, result
 
 
@@ -56,7 +56,7 @@ def slice_vs_truth(acq, path, slice_index):
 def test_corrected_slices_match_the_true_tissue(chain):
     acq, result = chain
     raw, smoothed = [], []
-    for k, (sid, path) in enumerate(sorted(result.final.outputs.items())):
+    for k, (sid, path) in enumerate(sorted(result.outcome("normalize").result.outputs.items())):
         truth, measured, mask = slice_vs_truth(acq, path, acq.slice_ids.index(sid))
         assert mask.mean() > 0.3
         raw.append(np.corrcoef(truth[mask], measured[mask])[0, 1])
@@ -70,7 +70,7 @@ def test_corrected_slices_match_the_true_tissue(chain):
 def test_misplacing_a_slice_breaks_the_match(chain):
     """The measurement can fail: the same slice compared one tile step off is far from the truth."""
     acq, result = chain
-    sid, path = sorted(result.final.outputs.items())[1]
+    sid, path = sorted(result.outcome("normalize").result.outputs.items())[1]
     truth, measured, mask = slice_vs_truth(acq, path, acq.slice_ids.index(sid))
     shifted = np.roll(measured, 7, axis=1)
     assert np.corrcoef(truth[mask], shifted[mask])[0, 1] < 0.8

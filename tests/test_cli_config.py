@@ -102,7 +102,10 @@ def test_cli_synth_and_demo(tmp_path, capsys):
     grids = sorted((tmp_path / "d" / "preprocess").glob("mosaic_grid_3d_z*.ome.zarr"))
     assert len(grids) == 3
     finals = sorted((tmp_path / "d" / "reconstruct" / "07_normalize").glob("slice_z*_normalize.ome.zarr"))
-    assert len(finals) == 3 and str(finals[0]) in printed
+    assert len(finals) == 3
+    volume = tmp_path / "d" / "reconstruct" / "14_stack" / "brain.ome.zarr"
+    assert volume.is_dir() and str(volume) in printed
+    assert (tmp_path / "d" / "reconstruct" / "report.html").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))

@@ -33,11 +33,12 @@ PROFILES: dict[str, dict[str, dict]] = {
     "conservative": {
         "stack": {"apply_rotation_only": True, "confidence_full": 0.8, "confidence_rotation": 0.5},
         "register": {"max_rotation_deg": 2.0},
+        "common-space": {"refine_unreliable": False},
     },
     # Trust the images: full transforms at lower confidence, refine unreliable stage transitions.
     "aggressive": {
         "stack": {"apply_rotation_only": False, "confidence_full": 0.4, "confidence_rotation": 0.2},
-        "common-space": {"refine_unreliable": True},
+        "register": {"max_rotation_deg": 5.0},
     },
     # The shortest path to a volume: only the steps that cannot be skipped.
     "minimal": {

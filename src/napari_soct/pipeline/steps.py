@@ -475,3 +475,242 @@ register(
         summary=_atlas_summary,
     )
 )
+
+
+# --- common space and interpolation (issue 4, steps 10 and 11) ---
+from ..processing.stack.common_space import CommonSpaceParams, CommonSpaceResult, bring_to_common_space  # noqa: E402
+from ..processing.stack.interpolate import (  # noqa: E402
+    InterpolationParams,
+    InterpolationResult,
+    interpolate_missing_slices,
+)
+
+
+def _common_space_summary(result: CommonSpaceResult) -> str:
+    written = len(result.outputs) - len(result.skipped)
+    sources = ", ".join(f"{sid}: {src}" for sid, src in sorted(result.position_sources.items()) if src != "motor")
+    return (f"common-space: {written} slice(s) written, {len(result.skipped)} kept, on a {result.canvas_shape[0]} x "
+            f"{result.canvas_shape[1]} canvas in {result.seconds:.1f} s; corrected positions: {sources or 'none'}\n"
+            f"  {result.csv_path}\n  {result.metrics_path}")
+
+
+def _interpolate_summary(result: InterpolationResult) -> str:
+    if result.skipped:
+        return f"interpolate: {result.slice_config_path} exists, kept (if_exists=skip)"
+    filled = ", ".join(str(s) for s in result.outputs) or "none"
+    failed = "; ".join(f"{s}: {result.decisions[s].reason}" for s in result.failed) or "none"
+    return (f"interpolate: filled slot(s) {filled}; gates failed: {failed}; in {result.seconds:.1f} s\n"
+            f"  {result.slice_config_path}\n  {result.metrics_path}")
+
+
+register(
+    Step(
+        name="common-space",
+        title="10. Common space",
+        help="Place every slice on one canvas at its stitched stage position, moved only by the corrections of "
+        "the shifts (re-homing cleaning, excluded-slice mode, optional image refinement of unreliable steps); "
+        "integer placement, the fraction recorded.",
+        function=bring_to_common_space,
+        params=CommonSpaceParams,
+        inputs=(Input("source", "Folder of normalised slices (slice_z*_normalize.ome.zarr)", "dir"),
+                Input("shifts_csv", "Slice shifts: shifts_xy_clean.csv (step 9) or shifts_xy.csv", "file"),
+                Input("out_dir", "Output folder (10_common)", "out_dir")),
+        outputs=lambda result: [(p, "image") for p in result.paths],
+        summary=_common_space_summary,
+    )
+)
+
+register(
+    Step(
+        name="interpolate",
+        title="11. Interpolate missing slices",
+        help="Fill single-slice gaps and excluded slices by morphing between the two neighbours (zmorph: affine "
+        "registration of the boundary planes, fractional powers); when a quality gate fails the slot stays a gap.",
+        function=interpolate_missing_slices,
+        params=InterpolationParams,
+        inputs=(Input("common_dir", "Common-space folder (step 10: slice_z*_common.ome.zarr)", "dir"),
+                Input("out_dir", "Output folder (11_interpolate)", "out_dir")),
+        outputs=lambda result: [(p, "image") for p in result.paths],
+        summary=_interpolate_summary,
+    )
+)
+
+
+# --- quality report (issue 4) -----------------------------------------------------------------------------------
+from ..processing.report import ReportParams, ReportResult, run_report  # noqa: E402
+
+
+def _report_summary(result: ReportResult) -> str:
+    if result.skipped:
+        return f"report: {result.path} exists, kept (if_exists=skip)"
+    ran = [s for s in result.steps if s.ran]
+    warnings = sum(s.n_warnings for s in ran)
+    errors = sum(s.n_errors for s in ran)
+    lines = [f"report: {result.status} - {len(ran)} step(s) ran; {errors} error(s) and {warnings} warning(s) found; "
+             f"{result.path}"]
+    lines += [f"  {s.number:>2}. {s.title}: {s.status}" + (f" ({s.worst.message})" if s.worst else "")
+              for s in result.steps]
+    return "\n".join(lines)
+
+
+register(
+    Step(
+        name="report",
+        title="Quality report",
+        help="Gather every step's metrics of a reconstruction folder into one self-contained HTML page (or text): "
+        "OK/warning/error per step, slice and pair with what to check, drift and registration plots, previews.",
+        function=run_report,
+        params=ReportParams,
+        inputs=(Input("out_dir", "Reconstruction folder (01_resample ... 16_atlas, or any folder holding step "
+                      "outputs)", "dir"),),
+        outputs=lambda result: [],
+        summary=_report_summary,
+    )
+)
+
+
+# --- pairwise registration (step 12) and auto-exclusion (step 13), issue 4 ---
+from ..processing.stack.exclusion import ExclusionParams, ExclusionResult, auto_exclude_slices  # noqa: E402
+from ..processing.stack.register import RegistrationParams, RegistrationResult, register_pairwise  # noqa: E402
+
+
+def _register_summary(result: RegistrationResult) -> str:
+    if result.skipped:
+        return f"register: {result.csv_path} exists, kept (if_exists=skip)"
+    lines = [f"register: {len(result.pairs)} pair(s): {result.count('ok')} ok, {result.count('fallback_identity')} "
+             f"identity fallback, {result.count('error')} error(s), in {result.seconds:.1f} s with "
+             f"{result.workers_used} worker(s); {result.csv_path}"]
+    lines += [f"  {p.fixed_id}->{p.moving_id}: {p.status}, confidence {p.confidence:.2f}, z plane {p.z_match_plane} "
+              f"(expected {p.expected_z_plane}), rotation {p.rotation_deg:.2f} deg, shift ({p.tx_px:.2f}, "
+              f"{p.ty_px:.2f}) px" for p in result.pairs]
+    return "\n".join(lines)
+
+
+def _exclusion_summary(result: ExclusionResult) -> str:
+    if result.skipped:
+        return f"auto-exclude: {result.slice_config_path} exists, kept (if_exists=skip)"
+    clusters = "; ".join(c["reason"] for c in result.clusters) or "no cluster"
+    return (f"auto-exclude: {len(result.poor)} poor pair(s); excluded: {result.excluded or 'none'} ({clusters}); "
+            f"wrote {result.slice_config_path}")
+
+
+register(
+    Step(
+        name="register",
+        title="12. Pairwise registration",
+        help="Find the plane of each slice that matches the top of the next one (z match by NCC), refine the 2D "
+        "rigid alignment with SimpleITK (bounded, identity fallback) and rate each pair's confidence; writes "
+        "pairwise_registration.csv.",
+        function=register_pairwise,
+        params=RegistrationParams,
+        inputs=(Input("common_dir", "Folder of slices in common space (10_common)", "dir"),
+                Input("out_dir", "Output folder for pairwise_registration.csv", "out_dir")),
+        outputs=lambda result: [],
+        summary=_register_summary,
+    )
+)
+
+register(
+    Step(
+        name="auto-exclude",
+        title="13. Auto-exclude clusters",
+        help="Mark slices inside runs of consecutive poor registrations (DBSCAN on the registration metrics plus "
+        "floors, at least min_consecutive pairs in a row) auto_excluded in slice_config.csv, with the reason.",
+        function=auto_exclude_slices,
+        params=ExclusionParams,
+        inputs=(Input("registration_csv", "pairwise_registration.csv from step 12", "file"),
+                Input("slice_config", "slice_config.csv to stamp", "file"),
+                Input("out_dir", "Output folder for the stamped slice_config.csv", "out_dir")),
+        outputs=lambda result: [],
+        summary=_exclusion_summary,
+    )
+)
+
+
+# --- stacking (step 14), issue 4 ---
+from ..processing.stack.stacking import StackParams, StackResult, stack_slices  # noqa: E402
+
+
+def _stack_summary(result: StackResult) -> str:
+    if result.skipped:
+        return f"stack: {result.path} exists, kept (if_exists=skip)"
+    gates = ", ".join(f"{d.slice_id}: {d.gate}" for d in result.decisions[1:]) or "none"
+    levels = ", ".join(f"{v[-1]:g}" for v in result.voxel_sizes_um)
+    return (f"stack: {len(result.decisions)} slices into {result.shape[0]} x {result.shape[1]} x {result.shape[2]} "
+            f"voxels, levels {levels} um, in {result.seconds:.1f} s; gates {gates}\n  {result.path}\n"
+            f"  {result.z_matches_path}\n  {result.decisions_path}")
+
+
+register(
+    Step(
+        name="stack",
+        title="14. Stack slices",
+        help="Stack the common-space slices into one volume: z overlaps by NCC (or the registration's match) with "
+        "outlier correction, confidence-gated pairwise transforms composed along the stack, Hann cross-fade in "
+        "the overlaps; a multi-resolution OME-Zarr pyramid (power-of-two and analysis resolutions).",
+        function=stack_slices,
+        params=StackParams,
+        inputs=(Input("common_dir", "Folder of slices in common space (10_common)", "dir"),
+                Input("registration_csv", "pairwise_registration.csv from step 12 (CLI: '' for motor-only XY)",
+                      "file"),
+                Input("out_dir", "Output folder (14_stack) for <subject>.ome.zarr and the tables", "out_dir")),
+        outputs=lambda result: [(result.path, "image")],
+        summary=_stack_summary,
+    )
+)
+
+
+# --- manual slice alignment (issue 9): alignment package export / import for aligning on another machine ---
+from ..processing.stack.manual import (  # noqa: E402
+    ImportParams,
+    ImportResult,
+    PackageParams,
+    PackageResult,
+    export_alignment_package,
+    import_alignment_transforms,
+)
+
+
+def _package_summary(result: PackageResult) -> str:
+    if result.skipped:
+        return f"alignment-package: {result.path} exists, kept (if_exists=skip)"
+    return (f"alignment-package: {result.n_slices} slice AIP(s) (1/{result.factor:g} of the canvas) and "
+            f"{result.n_pairs} pair(s), {result.bytes / 1e6:.1f} MB: {result.path}")
+
+
+def _import_summary(result: ImportResult) -> str:
+    pairs = ", ".join(f"{a}->{b}" for a, b in result.imported) or "none"
+    note = f"; noted in {result.slice_config}" if result.slice_config else ""
+    return f"alignment-import: pair(s) {pairs} written into {result.table}{note}; restack to use them"
+
+
+register(
+    Step(
+        name="alignment-package",
+        title="Export an alignment package",
+        help="Write each slice's AIP, the pairwise transforms and a manifest (a folder, or a .zip by the suffix) "
+        "so the slices can be aligned by hand in napari on another machine; only the table comes back.",
+        function=export_alignment_package,
+        params=PackageParams,
+        inputs=(Input("reconstruction", "Reconstruction folder (with 10_common and 12_register)", "dir"),
+                Input("out_path", "Package to write (.zip, or a folder)", "out_file")),
+        outputs=lambda result: [],
+        summary=_package_summary,
+    )
+)
+
+register(
+    Step(
+        name="alignment-import",
+        title="Import aligned transforms",
+        help="Merge the pairs set or verified by hand in a returned alignment table into the reconstruction's "
+        "12_register/pairwise_registration.csv (automatic results kept in auto_* columns) and note them in the "
+        "slice configuration; restack afterwards.",
+        function=import_alignment_transforms,
+        params=ImportParams,
+        inputs=(Input("table", "The pairwise_registration.csv aligned elsewhere", "file"),
+                Input("reconstruction", "Reconstruction folder (with 10_common and 12_register)", "dir")),
+        outputs=lambda result: [],
+        summary=_import_summary,
+    )
+)

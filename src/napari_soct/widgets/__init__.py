@@ -5,10 +5,12 @@ class made by :func:`step_widget_class`.
 """
 
 from ..pipeline.steps import get_step
+from ._pipeline_widget import PipelineWidget
 from ._step_widget import StepWidget
 
 __all__ = [
     "StepWidget",
+    "PipelineWidget",
     "step_widget_class",
     "PreprocessWidget",
     "ResampleWidget",
@@ -192,3 +194,136 @@ __all__ += ["RadonWidget", "ReconstructWidget"]
 BiasFieldWidget = step_widget_class("bias", "BiasFieldWidget")
 AtlasWidget = step_widget_class("atlas", "AtlasWidget")
 __all__ += ["BiasFieldWidget", "AtlasWidget"]
+
+
+# --- common space and interpolation (issue 4, steps 10 and 11) ---------------------------------------------------
+CommonSpaceWidget = step_widget_class("common-space", "CommonSpaceWidget")
+InterpolateWidget = step_widget_class("interpolate", "InterpolateWidget")
+__all__ += ["CommonSpaceWidget", "InterpolateWidget"]
+
+
+# --- quality report (issue 4): the written HTML opens in the web browser ----------------------------------------
+class ReportWidget(StepWidget):
+    """Dock widget of the report step; the HTML report opens in the default browser when it is written."""
+
+    def __init__(self, napari_viewer=None):
+        from magicgui.widgets import CheckBox
+
+        super().__init__(get_step("report"), napari_viewer)
+        self.open_when_done = CheckBox(value=True, label="open when done", name="open_when_done",
+                                       tooltip="Open the HTML report in the web browser when it is written")
+        self.insert(list(self).index(self.run_button), self.open_when_done)
+
+    def _on_returned(self, result) -> None:
+        super()._on_returned(result)
+        if self.open_when_done.value and result.format == "html" and result.path.is_file():
+            from qtpy.QtCore import QUrl
+            from qtpy.QtGui import QDesktopServices
+
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(result.path.resolve())))
+
+
+__all__ += ["ReportWidget"]
+
+
+# --- pairwise registration (step 12) and auto-exclusion (step 13), issue 4 ---
+def _registration_layers(result) -> list[tuple]:
+    """Per pair (slider "pair"): matched fixed plane (magenta) and registered moving top (green) added, their
+    difference (hidden), and the compared ROI outlined from red (confidence 0) to green (1), metrics as features."""
+    import numpy as np
+
+    from .._layers import contrast_limits_of
+    from ..processing.io.omezarr import open_ome_zarr
+
+    if result.overlay_path is None or not result.overlay_path.exists():
+        return []
+    image = open_ome_zarr(result.overlay_path)
+    data, scale = image.as_dask(0), tuple(image.scales_mm[0][-2:])
+    common = {"scale": (1.0, *scale), "units": ("pixel", "mm", "mm"), "axis_labels": ("pair", "y", "x"),
+              "metadata": {"source": str(result.overlay_path), "pairs": image.attributes["soct"]["pairs"]}}
+    limits = contrast_limits_of(np.asarray(data[0]))
+    layers = [(data[:, c], {**common, "name": f"register: {name}", "colormap": colour, "blending": "additive",
+                            "contrast_limits": limits}, "image")
+              for c, (name, colour) in enumerate((("fixed", "magenta"), ("moving registered", "green")))]
+    spread = float(limits[1] - limits[0])
+    layers.append((data[:, 0] - data[:, 1], {**common, "name": "register: difference", "colormap": "PiYG",
+                                             "contrast_limits": [-spread / 2, spread / 2], "visible": False}, "image"))
+    factor = result.overlay_factor
+    rows = [(i, p, m) for i, (p, m) in enumerate(zip(result.pairs, result.pair_metrics)) if "roi" in m]
+    if rows:
+        rects = []
+        for i, _, m in rows:
+            r = m["roi"]
+            y0, x0 = r["y0_px"] / factor, r["x0_px"] / factor
+            y1, x1 = y0 + r["height_px"] / factor - 1, x0 + r["width_px"] / factor - 1
+            rects.append(np.array([[i, y0, x0], [i, y0, x1], [i, y1, x1], [i, y1, x0]], float))
+        conf = np.array([p.confidence for _, p, _ in rows])
+        features = {"pair": [f"{p.fixed_id}->{p.moving_id}" for _, p, _ in rows], "confidence": conf,
+                    "status": [p.status for _, p, _ in rows], "ncc_after": [p.ncc_after for _, p, _ in rows],
+                    "z_match_plane": [p.z_match_plane for _, p, _ in rows]}
+        layers.append((rects, {**common, "name": "register: ROI by confidence", "shape_type": "rectangle",
+                               "features": features, "face_color": "transparent", "edge_width": 1.5,
+                               "edge_color": np.column_stack([1 - conf, conf, 0.1 + 0 * conf, 1 + 0 * conf]),
+                               "text": {"string": "{pair} conf {confidence:.2f} {status}", "size": 9,
+                                        "color": "white", "anchor": "upper_left"}}, "shapes"))
+    return layers
+
+
+class RegisterWidget(StepWidget):
+    """Dock widget of the register step, with per-pair overlays and the confidence of each pair."""
+
+    def __init__(self, napari_viewer=None):
+        super().__init__(get_step("register"), napari_viewer)
+        min_step = self.param_widgets["min_step"]  # 1e-3: more decimals than the generic 2 (it would read 0)
+        min_step.native.setDecimals(6)
+        min_step.native.setSingleStep(1e-3)
+        min_step.value = self.step.params().min_step
+
+    def _output_layers(self, result) -> list[tuple]:
+        return _registration_layers(result)
+
+
+AutoExcludeWidget = step_widget_class("auto-exclude", "AutoExcludeWidget")
+__all__ += ["RegisterWidget", "AutoExcludeWidget"]
+
+
+# --- stacking (issue 4, step 14): the volume plus its slice boundaries -------------------------------------------
+def _slice_boundary_layer(result) -> list[tuple]:
+    """One outline per slice at its first plane of the stacked volume (its cut surface), labelled with the slice
+    id and the transform gate used, in the volume's scale."""
+    import numpy as np
+
+    from ..processing.io.omezarr import open_ome_zarr
+
+    if result.skipped or not result.decisions:
+        return []
+    scale = tuple(open_ome_zarr(result.path).scales_mm[0])
+    _, ny, nx = result.shape
+    rects = [np.array([[d.z0, 0, 0], [d.z0, 0, nx - 1], [d.z0, ny - 1, nx - 1], [d.z0, ny - 1, 0]], float)
+             for d in result.decisions]
+    features = {"slice_id": [d.slice_id for d in result.decisions], "gate": [d.gate for d in result.decisions],
+                "z0": [d.z0 for d in result.decisions]}
+    return [(rects, {"name": "stack: slice boundaries", "scale": scale, "units": ("mm", "mm", "mm"),
+                     "shape_type": "rectangle", "features": features, "face_color": "transparent",
+                     "edge_color": "yellow", "edge_width": 1.5,
+                     "text": {"string": "slice {slice_id} ({gate})", "size": 9, "color": "yellow",
+                              "anchor": "upper_left"}}, "shapes")]
+
+
+class StackWidget(StepWidget):
+    """Dock widget of the stack step: the stacked volume and its slice boundaries."""
+
+    def __init__(self, napari_viewer=None):
+        super().__init__(get_step("stack"), napari_viewer)
+
+    def _output_layers(self, result) -> list[tuple]:
+        return super()._output_layers(result) + _slice_boundary_layer(result)
+
+
+__all__ += ["StackWidget"]
+
+
+# --- manual slice alignment (issue 9): a hand-made dock widget (not generated from a step) ----------------------
+from ._alignment_widget import SliceAlignmentWidget  # noqa: E402
+
+__all__ += ["SliceAlignmentWidget"]

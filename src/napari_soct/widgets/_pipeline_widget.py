@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import napari
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -65,7 +66,7 @@ class PipelineWidget(Container):
         self.until_step = ComboBox(choices=[*_ALL_STEPS, _END], value=_END, label="stop after")
         self.workers = SpinBox(value=2, min=1, max=256, label="workers")
         self.scheduler = LineEdit(value="local", label="scheduler")
-        self.show_steps = CheckBox(value=True, text="add each step's output as layers")
+        self.show_steps = CheckBox(value=True, text="show each step's output as it finishes")
         self.open_report = CheckBox(value=True, text="open the report at the end")
         self.run_button = PushButton(text="Run / resume")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -87,6 +88,10 @@ class PipelineWidget(Container):
         self.worker = None
         self.result = None
         self.finished_steps: list[str] = []
+        self._live: dict = {}  # (kind, ndim) -> the layer showing the latest step's output
+        self._live_names: dict = {}
+        if self.viewer is not None:
+            self._add_live_layers()
 
     # ------------------------------------------------------------------------------------------ run file
     def load(self, *_):
@@ -151,8 +156,8 @@ class PipelineWidget(Container):
         emit_progress, emit_stage = self._bridge.progressed.emit, self._bridge.stage_done.emit
         self.worker = create_worker(
             run_pipeline, replace(run), step_params=steps, rerun_from=rerun_from, until=until,
-            progress=lambda d, t, m: emit_progress(d, t, m), cancel=self._cancel,
-            on_stage=lambda outcome, state: emit_stage(outcome), _start_thread=False,
+            progress=_Throttled(emit_progress), cancel=self._cancel,
+            on_stage=lambda outcome, state: emit_stage((outcome, self._layer_data(outcome))), _start_thread=False,
             _connect={"returned": self._on_returned, "errored": self._on_error, "finished": self._on_finished},
         )
         self.run_button.enabled, self.cancel_button.enabled = False, True
@@ -171,20 +176,70 @@ class PipelineWidget(Container):
         self.step_progress.value = done % 1000
         self.status.value = message
 
-    def _on_stage_done(self, outcome) -> None:
-        self.finished_steps.append(outcome.step)
+    def _layer_data(self, outcome) -> list[tuple]:
+        """Layer tuples of a finished step's images, prepared in the worker thread (opening the files and
+        sampling contrast limits reads data: never on the main thread)."""
         if self.viewer is None or not self.show_steps.value:
-            return
+            return []
         images = [p for p in outcome.outputs if Path(p).suffix == ".zarr" and is_ome_zarr(p)]
         if len(images) > 1:
             layers = [stacked_ome_zarr_layer(images, f"{outcome.step}: {Path(images[0]).parent.name}", "image")]
         else:
-            layers = ome_zarr_layers(images[0], "image") if images else []
+            layers = ome_zarr_layers(images[0]) if images else []
+        prepared = []
         for data, kwargs, kind in layers:
-            kwargs = {**kwargs, "visible": False}
-            self.viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
-        if layers:
-            self.viewer.layers[-1].visible = True
+            # Compute one small piece here: dask imports its scheduler modules on the first compute, which
+            # would otherwise happen on the main thread when napari slices the new layer.
+            coarsest = data[-1] if isinstance(data, list) else data
+            np.asarray(coarsest[(0,) * (coarsest.ndim - 2)][:1, :1])
+            # The layer object is a model, not yet in the viewer: building it here keeps its first-use costs
+            # (unit registry, transforms) off the main thread, which only adds it.
+            prepared.append((data, kwargs, kind, napari.layers.Layer.create(data, kwargs, kind)))
+        return prepared
+
+    def _on_stage_done(self, done) -> None:
+        outcome, layers = done
+        self.finished_steps.append(outcome.step)
+        if self.viewer is None:
+            return
+        for data, kwargs, kind, layer in layers:
+            self._show(data, kwargs, kind, layer)
+
+    def _add_live_layers(self) -> None:
+        """The run's two views (per-slice results, 4D; the volume, 3D), empty until a step fills them.
+
+        Made now, when the widget opens: a new layer's controls and first draw cost the main thread far more
+        than updating a layer, and during a run the main thread must stay free.
+        """
+        for name, ndim, levels in (("pipeline: slices", 4, 1), ("pipeline: volume", 3, 2)):
+            data = [np.zeros((2 ** (levels - 1 - i),) * ndim, np.float32) for i in range(levels)]
+            layer = self.viewer.add_image(data if levels > 1 else data[0], name=name, contrast_limits=(0, 1),
+                                          multiscale=levels > 1)
+            key = ("image", ndim, levels > 1)
+            self._live[key], self._live_names[key] = layer, name
+
+    def _show(self, data, kwargs: dict, kind: str, new_layer) -> None:
+        """Show a step's output in the run's live layer of its kind and dimensionality (updated in place, so a
+        step's result costs one re-slice, not a new layer's controls), or in a new layer the first time.
+
+        A live layer the user renamed or removed is left alone and a new one made: it is theirs to keep.
+        """
+        multiscale = isinstance(data, list)
+        ndim = len(kwargs.get("scale", ())) or (data[0] if multiscale else data).ndim
+        key = (kind, ndim, multiscale)
+        layer = self._live.get(key)
+        if layer is None or layer not in self.viewer.layers or layer.name != self._live_names.get(key):
+            layer = self.viewer.add_layer(new_layer)
+        else:
+            with layer.events.blocker_all():
+                layer.data = data
+                for name in ("scale", "translate", "contrast_limits", "metadata"):
+                    if name in kwargs:
+                        setattr(layer, name, kwargs[name])
+                layer.name = kwargs.get("name", layer.name)
+            layer.refresh()
+            layer.events.name()
+        self._live[key], self._live_names[key] = layer, layer.name
 
     def _on_returned(self, result) -> None:
         self.result = result
@@ -207,6 +262,22 @@ class PipelineWidget(Container):
     def _fail(self, err: Exception) -> None:
         self.status.value = f"error: {err}"
         show_error(str(err))
+
+
+class _Throttled:
+    """Forwards progress at most every 0.1 s (and the last unit of each step): the main thread repaints the
+    bar and label per message, so a fast step must not flood it."""
+
+    def __init__(self, emit, interval: float = 0.1):
+        self.emit, self.interval, self._last = emit, interval, 0.0
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last >= self.interval or done % 1000 == 0 or done >= total:
+            self._last = now
+            self.emit(done, total, message if len(message) <= 90 else message[:87] + "...")
 
 
 def _toml(value) -> str:
