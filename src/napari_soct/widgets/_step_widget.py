@@ -46,10 +46,16 @@ def _param_widget(info: ParamInfo):
         options["min"] = info.min if info.min is not None else -_BIG
         options["max"] = info.max if info.max is not None else _BIG
         if info.type is float:
-            options["step"] = 0.01
+            # Enough decimals for small defaults and minimums (a 1e-3 step must not read as 0).
+            smallest = min((abs(v) for v in (info.default, info.min) if isinstance(v, int | float) and v), default=1)
+            decimals = max(2, min(8, 2 - int(np.floor(np.log10(smallest))))) if smallest < 1 else 2
+            options["step"] = 10.0 ** -decimals
     label = info.name.replace("_", " ")
     widget = create_widget(value=info.default, annotation=info.type, name=info.name, label=label, options=options)
     widget.tooltip = options["tooltip"]
+    if info.type is float and not info.choices and hasattr(widget.native, "setDecimals"):
+        widget.native.setDecimals(decimals)
+        widget.value = info.default
     return widget
 
 

@@ -354,7 +354,7 @@ def _body(record: StepRecord, ctx) -> list[str]:
         cols = [("fixed_id", "fixed"), ("moving_id", "moving"), ("z_match_plane", "z match"),
                 ("expected_z_plane", "expected z"), ("z_match_ncc", "z NCC"), ("ncc_before", "NCC before"),
                 ("ncc_after", "NCC after"), ("tx_px", "tx px"), ("ty_px", "ty px"), ("rotation_deg", "rotation deg"),
-                ("confidence", "confidence"), ("status", "status"), ("manual", "manual")]
+                ("confidence", "confidence"), ("status", "status"), ("manual", "set by hand"), ("verified", "verified")]
         parts += ["<h3>Per pair</h3>", _table(pairs, cols, ctx.status, key), _pair_plots(pairs, ctx.checks,
                                                                                           ctx.status)]
     elif key == "auto-exclude":

@@ -176,7 +176,7 @@ def poor_pairs(pairs: list[PairTransform], params: ExclusionParams) -> tuple[dic
                     text = "outlier (DBSCAN): " + ", ".join(worse)
                     why[int(i)] = f"{why[int(i)]}; {text}" if int(i) in why else text
     for i, p in enumerate(pairs):
-        if p.verified and i in why:  # a pair checked by hand is trusted
+        if (p.verified or p.manual) and i in why:  # a pair checked or set by hand is trusted
             del why[i]
     return why, details
 

@@ -705,6 +705,10 @@ def register_pairwise(common_dir, out_dir, params: RegistrationParams | None = N
             "pairs": [{**m, **{k: v for k, v in asdict(p).items() if k not in m}}
                       for p, m in zip(result.pairs, result.pair_metrics)],
         }), indent=2, default=_json_default))
+    # Pairs set by hand (issue 9) survive a re-registration: a user's correction is never silently dropped.
+    if csv_path.exists():
+        manual = {(p.fixed_id, p.moving_id): p for p in read_pairwise_registration(csv_path) if p.manual}
+        result.pairs = [manual.get((p.fixed_id, p.moving_id), p) for p in result.pairs]
     write_pairwise_registration(csv_path, result.pairs, if_exists="overwrite")
     return result
 
