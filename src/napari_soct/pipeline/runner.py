@@ -24,7 +24,7 @@ from .chain import ChainState, StageOutcome, folder_fingerprint, run_stages
 from .reconstruct import ReconstructParams, enabled_stages, run_options
 from .steps import STEPS
 
-__all__ = ["RunParams", "RunResult", "run_pipeline", "PROFILES", "PREPROCESS_STAGE"]
+__all__ = ["RunParams", "RunResult", "run_pipeline", "run_pipeline_in_subprocess", "PROFILES", "PREPROCESS_STAGE"]
 
 #: Named parameter sets, like the lab's Nextflow profiles: ``{section: {key: value}}`` applied over the
 #: defaults, below what the run file sets itself.
@@ -150,3 +150,76 @@ def run_pipeline(run: RunParams | str | Path, *, step_params: dict | None = None
                               origin=folder_fingerprint(raw_dir), rerun_from=rerun_from, until=until,
                               progress=progress, cancel=cancel, on_stage=on_stage)
     return RunResult(out_dir, outcomes, state.volume, state.report, time.perf_counter() - started)
+
+
+def _child(run, step_params, rerun_from, until, queue, cancel, nice) -> None:
+    """Entry point of :func:`run_pipeline_in_subprocess`'s process: runs, and reports through ``queue``."""
+    import os
+
+    from ..processing.progress import Cancelled
+
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+
+    def progress(done, total, message):
+        queue.put(("progress", (done, total, message)))
+
+    def on_stage(outcome, state):
+        queue.put(("stage", StageOutcome(outcome.step, outcome.action, None, outcome.seconds, outcome.outputs)))
+
+    try:
+        result = run_pipeline(run, step_params=step_params, rerun_from=rerun_from, until=until, progress=progress,
+                              cancel=cancel, on_stage=on_stage)
+        slim = [StageOutcome(o.step, o.action, None, o.seconds, o.outputs) for o in result.outcomes]
+        queue.put(("done", RunResult(result.out_dir, slim, result.volume, result.report, result.seconds)))
+    except Cancelled as err:
+        queue.put(("cancelled", str(err)))
+    except BaseException as err:  # noqa: BLE001 - every failure goes back to the caller
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run_pipeline_in_subprocess(run: RunParams, *, step_params: dict | None = None, rerun_from: str | None = None,
+                               until: str | None = None, progress=None, cancel=None, on_stage=None,
+                               nice: int = 0) -> RunResult:
+    """:func:`run_pipeline` in a fresh process, with progress, finished steps and cancellation relayed here.
+
+    The run shares nothing with the calling process (no GIL, no memory): what a GUI needs to stay responsive.
+    ``on_stage(outcome, None)`` gets outcomes without the step's result object; the returned
+    :class:`RunResult` likewise. ``nice`` lowers the run's CPU priority (POSIX), so that an interactive caller
+    keeps the processor when it needs it.
+    """
+    import multiprocessing
+    import queue as queues
+
+    from ..processing.progress import Cancelled
+
+    ctx = multiprocessing.get_context("spawn")
+    channel = ctx.Queue()
+    stop = ctx.Event()
+    process = ctx.Process(target=_child, args=(run, step_params or {}, rerun_from, until, channel, stop, nice),
+                          name="napari-soct-run")
+    process.start()
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                stop.set()
+            try:
+                kind, payload = channel.get(timeout=0.1)
+            except queues.Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"the run's process ended unexpectedly (exit code {process.exitcode})")
+                continue
+            if kind == "progress" and progress is not None:
+                progress(*payload)
+            elif kind == "stage" and on_stage is not None:
+                on_stage(payload, None)
+            elif kind == "done":
+                return payload
+            elif kind == "cancelled":
+                raise Cancelled(payload)
+            elif kind == "error":
+                raise RuntimeError(payload)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()

@@ -1,8 +1,8 @@
 """The pipeline dock widget: one run from raw tiles to the volume, watched step by step in napari.
 
-The run is :func:`napari_soct.pipeline.runner.run_pipeline` in a thread worker; the main thread only receives
-progress and finished steps through queued Qt signals (and adds each step's outputs as lazy layers), so the
-viewer stays responsive during a run.
+The run is :func:`napari_soct.pipeline.runner.run_pipeline` in a separate process, relayed by a thread worker;
+the main thread only receives progress and finished steps through queued Qt signals (and shows each step's
+outputs in lazy layers updated in place), so the viewer stays responsive during a run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from qtpy.QtGui import QDesktopServices
 from .._layers import ome_zarr_layers, stacked_ome_zarr_layer
 from ..pipeline.config import defaults_toml, load_run_file
 from ..pipeline.reconstruct import ASSEMBLY_STAGES, SLICE_STAGES
-from ..pipeline.runner import PREPROCESS_STAGE, run_pipeline
+from ..pipeline.runner import PREPROCESS_STAGE, run_pipeline_in_subprocess
 from ..processing.io.omezarr import is_ome_zarr
 from ..processing.progress import Cancelled
 
@@ -154,10 +154,13 @@ class PipelineWidget(Container):
         self._cancel.clear()
         self.finished_steps = []
         emit_progress, emit_stage = self._bridge.progressed.emit, self._bridge.stage_done.emit
+        # The run goes to its own process (this thread only relays its messages): the computation never holds
+        # the GIL the viewer's thread needs.
         self.worker = create_worker(
-            run_pipeline, replace(run), step_params=steps, rerun_from=rerun_from, until=until,
+            run_pipeline_in_subprocess, replace(run), step_params=steps, rerun_from=rerun_from, until=until,
             progress=_Throttled(emit_progress), cancel=self._cancel,
-            on_stage=lambda outcome, state: emit_stage((outcome, self._layer_data(outcome))), _start_thread=False,
+            on_stage=lambda outcome, state: emit_stage((outcome, self._layer_data(outcome))), nice=10,
+            _start_thread=False,
             _connect={"returned": self._on_returned, "errored": self._on_error, "finished": self._on_finished},
         )
         self.run_button.enabled, self.cancel_button.enabled = False, True
@@ -192,9 +195,7 @@ class PipelineWidget(Container):
             # would otherwise happen on the main thread when napari slices the new layer.
             coarsest = data[-1] if isinstance(data, list) else data
             np.asarray(coarsest[(0,) * (coarsest.ndim - 2)][:1, :1])
-            # The layer object is a model, not yet in the viewer: building it here keeps its first-use costs
-            # (unit registry, transforms) off the main thread, which only adds it.
-            prepared.append((data, kwargs, kind, napari.layers.Layer.create(data, kwargs, kind)))
+            prepared.append((data, kwargs, kind))
         return prepared
 
     def _on_stage_done(self, done) -> None:
@@ -202,8 +203,8 @@ class PipelineWidget(Container):
         self.finished_steps.append(outcome.step)
         if self.viewer is None:
             return
-        for data, kwargs, kind, layer in layers:
-            self._show(data, kwargs, kind, layer)
+        for data, kwargs, kind in layers:
+            self._show(data, kwargs, kind)
 
     def _add_live_layers(self) -> None:
         """The run's two views (per-slice results, 4D; the volume, 3D), empty until a step fills them.
@@ -218,7 +219,7 @@ class PipelineWidget(Container):
             key = ("image", ndim, levels > 1)
             self._live[key], self._live_names[key] = layer, name
 
-    def _show(self, data, kwargs: dict, kind: str, new_layer) -> None:
+    def _show(self, data, kwargs: dict, kind: str) -> None:
         """Show a step's output in the run's live layer of its kind and dimensionality (updated in place, so a
         step's result costs one re-slice, not a new layer's controls), or in a new layer the first time.
 
@@ -229,7 +230,7 @@ class PipelineWidget(Container):
         key = (kind, ndim, multiscale)
         layer = self._live.get(key)
         if layer is None or layer not in self.viewer.layers or layer.name != self._live_names.get(key):
-            layer = self.viewer.add_layer(new_layer)
+            layer = self.viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
         else:
             with layer.events.blocker_all():
                 layer.data = data
