@@ -277,7 +277,8 @@ def backproject_volume(
     upsampling = not np.allclose(factors, 1.0)
     order = 0 if (mode == "labels" or binary) else params.upsample_order
     # The configuration, geometry and slab plan stay in memory: under 1 KiB per slice.
-    budget = int(params.memory_budget_gb * GIB) - 768 * geometry.n_slices
+    # 20 % is kept for what the model below does not count (library temporaries, zarr's codec pipeline).
+    budget = int(0.80 * params.memory_budget_gb * GIB) - 768 * geometry.n_slices
     work_dtype = image.dtype if mode == "labels" else np.dtype(np.float32)
     plan = plan_slabs(geometry)
     h, w = geometry.height, geometry.width
