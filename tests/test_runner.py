@@ -151,6 +151,18 @@ def test_same_result_on_a_local_cluster_of_two_processes(raw, reference, tmp_pat
     assert result.outcomes[-1].action == "ran"
 
 
+def test_runs_on_a_scheduler_address(raw, reference, tmp_path):
+    """``scheduler="tcp://..."`` (the CLI's --scheduler): the run connects to a cluster it does not own."""
+    from distributed import LocalCluster
+
+    _, _, checksum = reference
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run = replace(_params(raw, tmp_path / "run", workers=2), scheduler=cluster.scheduler_address)
+        run_pipeline(run)
+        assert len(cluster.workers) == 2  # still running: the run closed only its own client
+    assert volume_checksum(tmp_path / "run") == checksum
+
+
 _KILLABLE = textwrap.dedent("""
     import sys
     from napari_soct.pipeline.runner import RunParams, run_pipeline
