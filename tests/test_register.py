@@ -125,7 +125,7 @@ def test_consecutive_phantom_slices_match_plane_15_and_stay_aligned(phantom, tmp
     for p in pairs:
         assert p.expected_z_plane == T_OVER_DZ
         assert abs(p.z_match_plane - T_OVER_DZ) <= 1, p
-        assert p.status == "ok" and p.ncc_after > p.ncc_before
+        assert p.status == "ok" and p.ncc_after >= p.ncc_before
         # Slices placed at their stitched origin are aligned: the refinement stays sub-pixel / sub-degree.
         assert math.hypot(p.tx_px, p.ty_px) < 0.7 and abs(p.rotation_deg) < 1.0, p
         assert 0.7 < p.confidence <= 1.0

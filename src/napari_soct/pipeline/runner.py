@@ -102,8 +102,18 @@ def _dask_client(scheduler: str, workers: int, memory_budget_gb: float, client=N
     from distributed import Client, LocalCluster
 
     if scheduler == "local":
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               memory_limit=f"{memory_budget_gb / workers:.3f}GiB")
+        import os
+
+        import dask
+
+        # dask pins BLAS/OpenMP to one thread per worker process; the steps' numeric kernels may use the cores
+        # the workers leave free (1 worker on 2 cores: 2 threads).
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {
+                **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ}}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   memory_limit=f"{memory_budget_gb / workers:.3f}GiB")
         with cluster, Client(cluster) as own, slices_on_client(own):
             yield own
         return

@@ -32,7 +32,7 @@ from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
 __all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
-           "current_client", "slices_on_client"]
+           "current_client", "slices_on_client", "map_in_threads"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -222,7 +222,7 @@ def run_slice_step(
         metrics = _run_on_client(client, step, inputs, targets, to_run, process_slice, params, units, tracker, stop)
         n_workers = len(client.scheduler_info().get("workers", {})) or n_workers
     else:
-        metrics = _run_in_threads(step, one, to_run, n_workers, stop)
+        metrics = map_in_threads(one, to_run, n_workers, stop, f"soct-{step}")
     seconds = time.perf_counter() - started
     record = {
         "step": step,
@@ -248,9 +248,11 @@ def run_slice_step(
     )
 
 
-def _run_in_threads(step: str, one, to_run: list[int], n_workers: int, stop: StopFlag) -> dict[int, dict]:
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix=f"soct-{step}") as pool:
-        futures = {pool.submit(one, sid): sid for sid in to_run}
+def map_in_threads(fn, items, n_workers: int, stop: StopFlag, name: str = "soct") -> dict:
+    """``{item: fn(item)}`` on a thread pool; the first failure sets ``stop`` (so the others end early, when
+    they check it) and is raised once every thread has finished, a real error before a ``Cancelled``."""
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix=name) as pool:
+        futures = {pool.submit(fn, item): item for item in items}
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() for f in done):
             stop.event.set()

@@ -112,6 +112,10 @@ class RegistrationParams:
                                       unit="px")
     max_rotation_deg: float = param(5.0, "Larger refined rotations fall back to the identity", min=0.0,
                                     unit="degree")
+    min_ncc_gain: float = param(
+        0.002, "A refinement that raises the NCC by less than this is not kept (identity): below it, the change "
+        "is within the speckle noise and would only add drift when the transforms are composed", min=0.0,
+        advanced=True)
     z_search_planes: int = param(5, "Fixed planes searched on each side of the expected overlap plane", min=0)
     z_match_planes: int = param(6, "First planes of the moving slice compared in the z match (and averaged for "
                                 "the refinement)", min=1)
@@ -523,6 +527,12 @@ def register_slice_pair(fixed_path, moving_path, fixed_id: int, moving_id: int, 
     if not found.is_identity and not (np.isfinite(ncc_after) and (not np.isfinite(ncc_before)
                                                                   or ncc_after > ncc_before)):
         metrics["reason"] = f"NCC did not improve ({ncc_before:.4f} -> {ncc_after:.4f})"
+        return pair, metrics, (fixed_img, moving_img)
+    if np.isfinite(ncc_before) and ncc_after <= ncc_before + params.min_ncc_gain:
+        # Already aligned: the slices match as placed, the refinement's change is within the noise.
+        metrics["reason"] = (f"aligned as placed: the refinement raised the NCC by {ncc_after - ncc_before:.4f} "
+                             f"<= min_ncc_gain {params.min_ncc_gain}; identity kept")
+        pair.status = "ok"
         return pair, metrics, (fixed_img, moving_img)
     pair.tx_px, pair.ty_px, pair.rotation_deg = found.tx_px, found.ty_px, found.rotation_deg
     pair.ncc_after, pair.status = ncc_after, "ok"

@@ -16,7 +16,6 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ..io.omezarr import COMPRESSION_CHOICES, create_ome_zarr_image
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Cancelled, Progress, ProgressCallback
-from ..slices import StopFlag
+from ..slices import StopFlag, map_in_threads
 from ._backend import BACKEND_CHOICES, array_module, default_threads, to_numpy
 from .angles import default_angles, parse_angles, uniform_step
 from .filters import FILTER_CHOICES, filter_length
@@ -311,16 +310,7 @@ def _run(step: str, source: ImageData, out_path: Path, params, *, out_slice_shap
                 array[index] = to_numpy(result)
             tracker.advance(1, f"{step}: slice {index if index is not None else 0} done")
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"soct-{step}") as pool:
-            futures = [pool.submit(one, i) for i in indices]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.exception() for f in done):
-                stop.event.set()
-            wait(futures)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                real = [e for e in errors if not isinstance(e, Cancelled)]
-                raise (real or errors)[0]
+        map_in_threads(one, indices, workers, stop, f"soct-{step}")
     seconds = time.perf_counter() - started
     result = TomographyResult(
         step=step, path=out_path, metrics_path=metrics_path, shape=out_shape, angles=[float(a) for a in angles],
