@@ -54,11 +54,12 @@ import SimpleITK as sitk
 import zarr
 from scipy.ndimage import zoom
 
-from ..io.atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
+from ..io.atomic import atomic_output, check_can_write
 from ..io.images import open_image
 from ..io.omezarr import COMPRESSION_CHOICES, compressors_for, create_ome_zarr_image, is_ome_zarr
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
+from ..slices import SliceRunParams
 from ..preprocess.previews import to_uint8
 from ..progress import Progress
 from .bias import open_volume, plan_block
@@ -180,7 +181,7 @@ def read_template(path, voxel_um: float = 0.0) -> tuple[np.ndarray, tuple[float,
 
 # ---------------------------------------------------------------------------------------------- parameters
 @dataclass
-class AtlasParams:
+class AtlasParams(SliceRunParams):
     """Reorientation and rigid registration of the volume to an atlas template."""
 
     input_orientation: str = param("RAS", "Orientation code of the volume: for its x, y, z axes (numpy axes 2, 1, "
@@ -201,12 +202,6 @@ class AtlasParams:
                                "(halved whenever the direction reverses)", min=1e-3, advanced=True)
     compression: str = param("blosc-lz4", "Compression of the output", choices=COMPRESSION_CHOICES, advanced=True)
     workers: int = param(2, "Threads SimpleITK uses", min=1, max=256, advanced=True)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB",
-                                    advanced=True)
-    if_exists: str = param(
-        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
-        choices=IF_EXISTS_CHOICES, advanced=True,
-    )
 
 
 @dataclass

@@ -47,7 +47,7 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.filters import threshold_otsu
 
-from ..io.atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
+from ..io.atomic import atomic_output, check_can_write
 from ..io.omezarr import (
     COMPRESSION_CHOICES,
     OmeZarrImage,
@@ -58,6 +58,7 @@ from ..io.omezarr import (
 )
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
+from ..slices import SliceRunParams
 from ..progress import Progress
 
 __all__ = ["BiasFieldParams", "BiasFieldResult", "correct_bias_field", "BIAS_MODES"]
@@ -73,7 +74,7 @@ APPLY_BYTES_PER_VOXEL = 24
 
 
 @dataclass
-class BiasFieldParams:
+class BiasFieldParams(SliceRunParams):
     """N4 bias field correction of a stacked volume (estimated on a shrunk copy, applied at full resolution)."""
 
     mode: str = param("per_section", "per_section: N4 per thick section; global: one pass on the whole volume; "
@@ -98,12 +99,6 @@ class BiasFieldParams:
                                 "(N4 costs about 10 us per voxel and iteration)", min=1000, advanced=True)
     compression: str = param("blosc-lz4", "Compression of the output", choices=COMPRESSION_CHOICES, advanced=True)
     workers: int = param(2, "Threads SimpleITK uses", min=1, max=256, advanced=True)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB",
-                                    advanced=True)
-    if_exists: str = param(
-        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
-        choices=IF_EXISTS_CHOICES, advanced=True,
-    )
 
 
 @dataclass

@@ -76,11 +76,12 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import affine_transform, gaussian_filter1d
 
-from ..io.atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
+from ..io.atomic import atomic_output, check_can_write
 from ..io.omezarr import COMPRESSION_CHOICES, OmeZarrImage, open_ome_zarr
 from ..io.pyramid3d import Pyramid3DWriter, create_ome_zarr_pyramid3d, parse_resolutions_um, pyramid_voxel_sizes
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
+from ..slices import SliceRunParams
 from ..progress import Progress
 from .slots import assembly_slices
 from .transforms import PairTransform, read_pairwise_registration
@@ -116,7 +117,7 @@ MIN_WEIGHT = 1e-6
 
 
 @dataclass
-class StackParams:
+class StackParams(SliceRunParams):
     """Stacking of the common-space slices into one volume with a multi-resolution pyramid."""
 
     subject: str = param("brain", "Name of the output volume: <subject>.ome.zarr")
@@ -150,12 +151,6 @@ class StackParams:
                                         "than the base voxel size), comma separated", unit="um")
     compression: str = param("blosc-lz4", "Compression of the output", choices=COMPRESSION_CHOICES, advanced=True)
     workers: int = param(2, "Threads reading and blending planes", min=1, max=256, advanced=True)
-    memory_budget_gb: float = param(4.0, "Peak memory the step may use, in GiB", min=1e-6, unit="GiB",
-                                    advanced=True)
-    if_exists: str = param(
-        "error", "Existing outputs: 'error' refuses, 'skip' keeps them (resume), 'overwrite' replaces them",
-        choices=IF_EXISTS_CHOICES, advanced=True,
-    )
 
 
 @dataclass
