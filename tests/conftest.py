@@ -91,3 +91,15 @@ def tiny_acquisition(tmp_path_factory):
     from napari_soct.processing.synthetic import make_acquisition
 
     return make_acquisition(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def kernels(request, monkeypatch):
+    """Run a test with the numpy code paths and with the compiled (numba) kernels; the latter is skipped where
+    numba is not installed."""
+    from napari_soct.processing._jit import numba_module
+
+    if request.param == "numba" and numba_module() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("NAPARI_SOCT_JIT", "1" if request.param == "numba" else "0")
+    return request.param

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .._jit import jit_enabled
+
 __all__ = ["backproject", "forward_project", "pixel_bands", "BACKPROJECT_STEPS", "FORWARD_STEPS"]
 
 BACKPROJECT_STEPS = 128
@@ -191,14 +193,18 @@ def backproject(
     """
     n = int(output_size)
     theta = np.asarray(theta, dtype=np.float64)
+    if xp is np and q.shape[1] >= 2 and jit_enabled():
+        return _backproject_compiled(q, theta, n, center, circle, threads)
     r = n // 2
     grid = 2 * r + 1
     n_det = q.shape[1]
     reach = r + 1 if circle else math.sqrt(2.0) * r + 1  # |u| of the pixels computed, and a margin
     lo = max(0, int(math.floor(center - reach)))  # detectors the pixels can see
     hi = min(n_det, int(math.ceil(center + reach)) + 1)
-    pad = 2
-    width = (hi - lo) + 2 * pad
+    # Zeros before and after them, as far as the pixels reach (detectors may not cover the whole image).
+    pad = max(2, lo - int(math.floor(center - reach)) + 2)
+    pad_after = max(2, int(math.ceil(center + reach)) + 2 - hi)
+    width = (hi - lo) + pad + pad_after
     per_table = width * steps
     gpu = xp is not np
     block = _GPU_BLOCK if gpu else _CPU_BLOCK
@@ -278,6 +284,27 @@ def backproject(
         yy, xx = np.ogrid[-r : n - r, -r : n - r]
         out[xp.asarray(yy**2 + xx**2 > r * r)] = 0
     return xp.ascontiguousarray(out)
+
+
+def _backproject_compiled(q, theta, n: int, center: float, circle: bool, threads: int) -> np.ndarray:
+    """:func:`backproject` by the numba kernel, bands of rows spread over ``threads`` threads."""
+    from ._kernels import backproject_rows
+
+    padded = np.zeros((q.shape[0], q.shape[1] + 1), dtype=np.float32)
+    padded[:, :-1] = q
+    out = np.zeros((n, n), dtype=np.float32)
+    radius = float(n // 2) if circle else -1.0
+    cos_theta, sin_theta = np.cos(theta), np.sin(theta)
+    # Interleaved bands: rows near the centre of a circle are longer, each thread gets some of each.
+    rows = max(1, min(16, n // max(1, 4 * threads)))
+    bands = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+    def run(my_bands):
+        for r0, r1 in my_bands:
+            backproject_rows(padded, cos_theta, sin_theta, float(center), n, radius, r0, r1, out)
+
+    _run_parallel(run, _split(bands, threads), threads)
+    return out
 
 
 def forward_project(
