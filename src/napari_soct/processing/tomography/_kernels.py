@@ -64,3 +64,70 @@ def backproject_rows(q, cos_theta, sin_theta, center, n, radius, r0, r1, out):  
                 acc[j] += qa[k] + (t - k) * (qa[k + 1] - qa[k])
         for j in range(c0, c1):
             out[i, j] = acc[j]
+
+
+# Contraction and reassociation only: NaN and infinity keep their meaning.
+_FAST = {"contract", "reassoc", "nsz", "arcp"}
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def backproject_channels(table, cos_base, sin_base, center, grid, radius, r0, r1, acc):  # pragma: no cover
+    """Rows ``[r0, r1)`` of back projections that share their sample positions, added into ``acc``.
+
+    Item ``m`` is a base angle (``cos_base[m]``, ``sin_base[m]``) and up to ``C`` projections seen through grid
+    symmetries (channels): ``table[m, detector, :C]`` holds their values and ``table[m, detector, C:]`` the
+    slopes to the next detector (float32; one extra detector of zeros, so a position exactly on the last
+    detector reads its value). Pixel ``(i, j)`` of the symmetric ``grid x grid`` frame, at ``x = j - grid // 2``,
+    ``y = i - grid // 2``, reads every item at ``t = center + x cos - y sin``, linearly interpolated, zero
+    outside the detectors, once for all its channels: ``acc[i, j, channel]``. Positions are float32 along a
+    row (within 1e-4 pixel). ``radius < 0``: every pixel, else only those within ``radius`` of the centre.
+    """
+    n_items = table.shape[0]
+    last = table.shape[1] - 2
+    n_ch = table.shape[2] // 2
+    half = grid // 2
+    for i in range(r0, r1):
+        y = i - half
+        if radius >= 0:
+            h2 = radius * radius - y * y
+            if h2 < 0:
+                continue
+            reach = int(math.floor(math.sqrt(h2)))
+            c0 = max(0, half - reach)
+            c1 = min(grid, half + reach + 1)
+        else:
+            c0, c1 = 0, grid
+        for m in range(n_items):
+            cs = cos_base[m]
+            start = center - y * sin_base[m] - half * cs  # t at column 0
+            j0, j1 = c0, c1  # the columns whose t lies within [0, last]: no test in the loop
+            if cs > 1e-12:
+                j0 = max(j0, int(math.ceil(-start / cs)))
+                j1 = min(j1, int(math.floor((last - start) / cs)) + 1)
+            elif cs < -1e-12:
+                j0 = max(j0, int(math.ceil((last - start) / cs)))
+                j1 = min(j1, int(math.floor(-start / cs)) + 1)
+            elif not (0.0 <= start <= last):
+                continue
+            while j0 < j1 and not (0.0 <= start + j0 * cs <= last):
+                j0 += 1
+            while j1 > j0 and not (0.0 <= start + (j1 - 1) * cs <= last):
+                j1 -= 1
+            start32 = np.float32(start)
+            cs32 = np.float32(cs)
+            if n_ch == 4:
+                for j in range(j0, j1):
+                    t = start32 + np.float32(j) * cs32
+                    k = np.int32(t)
+                    f = t - np.float32(k)
+                    acc[i, j, 0] += table[m, k, 0] + f * table[m, k, 4]
+                    acc[i, j, 1] += table[m, k, 1] + f * table[m, k, 5]
+                    acc[i, j, 2] += table[m, k, 2] + f * table[m, k, 6]
+                    acc[i, j, 3] += table[m, k, 3] + f * table[m, k, 7]
+            else:
+                for j in range(j0, j1):
+                    t = start32 + np.float32(j) * cs32
+                    k = np.int32(t)
+                    f = t - np.float32(k)
+                    for ch in range(n_ch):
+                        acc[i, j, ch] += table[m, k, ch] + f * table[m, k, n_ch + ch]

@@ -287,24 +287,46 @@ def backproject(
 
 
 def _backproject_compiled(q, theta, n: int, center: float, circle: bool, threads: int) -> np.ndarray:
-    """:func:`backproject` by the numba kernel, bands of rows spread over ``threads`` threads."""
-    from ._kernels import backproject_rows
+    """:func:`backproject` by the numba kernel: the same grid symmetries as the numpy path (one position and
+    interpolation weight per pixel for up to four angles), bands of rows spread over ``threads`` threads."""
+    from ._kernels import backproject_channels
 
-    padded = np.zeros((q.shape[0], q.shape[1] + 1), dtype=np.float32)
-    padded[:, :-1] = q
-    out = np.zeros((n, n), dtype=np.float32)
-    radius = float(n // 2) if circle else -1.0
-    cos_theta, sin_theta = np.cos(theta), np.sin(theta)
+    r = n // 2
+    grid = 2 * r + 1
+    n_det = q.shape[1]
+    radius = float(r) if circle else -1.0
+    items, channel_groups = _plan(theta)
+    rows = max(1, min(16, grid // max(1, 4 * threads)))
     # Interleaved bands: rows near the centre of a circle are longer, each thread gets some of each.
-    rows = max(1, min(16, n // max(1, 4 * threads)))
-    bands = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    bands = _split([(r0, min(grid, r0 + rows)) for r0 in range(0, grid, rows)], threads)
+    out = np.zeros((grid, grid), dtype=np.float32)
+    for channels in channel_groups:
+        mine = _items_for(items, channels)
+        if not mine:
+            continue
+        n_ch = len(channels)
+        # Per item and detector: the channels' values, then their slopes to the next detector.
+        table = np.zeros((len(mine), n_det + 1, 2 * n_ch), dtype=np.float32)
+        for m, (_, members) in enumerate(mine):
+            for i, s in members:
+                table[m, :n_det, channels.index(s)] = q[i]
+        table[:, :n_det, n_ch:] = table[:, 1:, :n_ch] - table[:, :-1, :n_ch]
+        base = np.array([b for b, _ in mine])
+        cos_base, sin_base = np.cos(base), np.sin(base)
+        acc = np.zeros((grid, grid, len(channels)), dtype=np.float32)
 
-    def run(my_bands):
-        for r0, r1 in my_bands:
-            backproject_rows(padded, cos_theta, sin_theta, float(center), n, radius, r0, r1, out)
+        def run(my_bands, table=table, cos_base=cos_base, sin_base=sin_base, acc=acc):
+            for r0, r1 in my_bands:
+                backproject_channels(table, cos_base, sin_base, float(center), grid, radius, r0, r1, acc)
 
-    _run_parallel(run, _split(bands, threads), threads)
-    return out
+        _run_parallel(run, bands, threads)
+        for ch, s in enumerate(channels):
+            out += _seen_through(acc[:, :, ch], s)  # channel s holds, at grid point g(p), the value of pixel p
+    out = out[:n, :n]
+    if circle:
+        yy, xx = np.ogrid[-r : n - r, -r : n - r]
+        out[yy**2 + xx**2 > r * r] = 0
+    return np.ascontiguousarray(out)
 
 
 def forward_project(
