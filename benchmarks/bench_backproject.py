@@ -261,11 +261,57 @@ def _error(out, lo):
     return float(np.abs(out[swept] - _field(z + lo[0], y + lo[1], x + lo[2])).mean())
 
 
+def _kernels(enabled: bool):
+    """Context: our compiled (numba) kernels on or off (``NAPARI_SOCT_JIT``)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def switch():
+        before = os.environ.get("NAPARI_SOCT_JIT")
+        os.environ["NAPARI_SOCT_JIT"] = "1" if enabled else "0"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("NAPARI_SOCT_JIT", None)
+            else:
+                os.environ["NAPARI_SOCT_JIT"] = before
+
+    return switch()
+
+
 def bench_speed(length: int, size: int, repeats: int, tuples: bool = True) -> dict:
+    from napari_soct.processing._jit import numba_module
+
     rects, geometry, stack, lo, hi = make_case(length, size)
     voxels = int(np.prod(hi - lo))
-    times = {"ours": [], "baseline": [], "ours, 2 threads": [], "ours (labels)": [], "baseline, index tuples": []}
     labels = (stack > 1.0).astype(np.uint64) * np.uint64(2**60) + np.uint64(7)
+    # (name, function, output dtype, kernels on): ours with the numpy code and with the numba kernels (when
+    # installed), the baselines; run interleaved, so all see the same machine load.
+    methods = [("ours (numpy)", lambda out: ours(geometry, stack, lo, hi, out=out)[0], np.float32, False),
+               ("baseline", lambda out: scatter_baseline(rects, stack, lo, hi, out=out), np.float32, False),
+               ("ours (numpy), 2 threads", lambda out: ours(geometry, stack, lo, hi, workers=2, out=out)[0],
+                np.float32, False),
+               ("ours (numpy), labels", lambda out: ours(geometry, labels, lo, hi, mode="labels", out=out)[0],
+                labels.dtype, False)]
+    compile_seconds = None
+    if numba_module() is not None:
+        methods[1:1] = [
+            ("ours (numba)", lambda out: ours(geometry, stack, lo, hi, out=out)[0], np.float32, True),
+            ("ours (numba), 2 threads", lambda out: ours(geometry, stack, lo, hi, workers=2, out=out)[0],
+             np.float32, True),
+            ("ours (numba), labels", lambda out: ours(geometry, labels, lo, hi, mode="labels", out=out)[0],
+             labels.dtype, True)]
+        # First calls compile the kernels (or load them from numba's disk cache): timed apart.
+        start = time.perf_counter()
+        with _kernels(True):
+            ours(geometry, stack, lo, hi)
+            ours(geometry, labels, lo, hi, mode="labels")
+        compile_seconds = time.perf_counter() - start
+    if tuples:
+        methods.append(("baseline, index tuples",
+                        lambda out: scatter_baseline_tuple(rects, stack, lo, hi, out=out), np.float32, False))
+
     # Each method writes into its own output box, allocated (and its pages touched) once, outside the timings:
     # the first touch of freshly mapped pages cost this VM up to 0.35 s per 126 MB box, a cost of the
     # allocation, not of the method (the backproject step reuses its slab buffer).
@@ -274,37 +320,25 @@ def bench_speed(length: int, size: int, repeats: int, tuples: bool = True) -> di
         buffer.fill(0)
         return buffer
 
-    outs = {name: box(np.float32) for name in ("ours", "baseline", "ours, 2 threads", "baseline, index tuples")}
-    outs["ours (labels)"] = box(labels.dtype)
+    outs = {name: box(dtype) for name, _, dtype, _ in methods}
+    times = {name: [] for name, *_ in methods}
     results = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        results["ours"], swept = ours(geometry, stack, lo, hi, out=outs["ours"])
-        times["ours"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        results["baseline"] = scatter_baseline(rects, stack, lo, hi, out=outs["baseline"])
-        times["baseline"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ours(geometry, stack, lo, hi, workers=2, out=outs["ours, 2 threads"])
-        times["ours, 2 threads"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ours(geometry, labels, lo, hi, mode="labels", out=outs["ours (labels)"])
-        times["ours (labels)"].append(time.perf_counter() - t0)
-        if tuples:
-            t0 = time.perf_counter()
-            results["baseline, index tuples"] = scatter_baseline_tuple(rects, stack, lo, hi,
-                                                                       out=outs["baseline, index tuples"])
-            times["baseline, index tuples"].append(time.perf_counter() - t0)
+        for name, function, _, kernels in methods:
+            with _kernels(kernels):
+                t0 = time.perf_counter()
+                results[name] = function(outs[name])
+                times[name].append(time.perf_counter() - t0)
+    swept = int(np.count_nonzero(results["ours (numpy)"]))
     rows = []
     for name, values in times.items():
-        if not values:
-            continue
         seconds = statistics.median(values)
+        intensity = "labels" not in name
         rows.append({"method": name, "seconds": seconds, "voxels_per_s": voxels / seconds,
-                     "error": _error(results[name], lo) if name in results else None,
-                     "covered": int(np.count_nonzero(results[name])) if name in results else None})
+                     "error": _error(results[name], lo) if intensity else None,
+                     "covered": int(np.count_nonzero(results[name])) if intensity else None})
     return {"slices": geometry.n_slices, "size": size, "samples": int(stack.size), "box": (hi - lo).tolist(),
-            "voxels": voxels, "swept": swept, "rows": rows}
+            "voxels": voxels, "swept": swept, "rows": rows, "compile_seconds": compile_seconds}
 
 
 _MEMORY_CHILD = r"""
@@ -318,6 +352,8 @@ def status(key):  # kB fields of /proc/self/status (VmHWM is this process's peak
 
 args = json.loads(sys.argv[1])
 import scipy.interpolate, scipy.ndimage, scipy.spatial, tifffile, zarr  # noqa: E401,F401  (the steps' imports)
+from napari_soct.processing._jit import warm_up
+warm_up()  # the numba runtime and the compiled kernels are code, counted with the imports
 if args["step"] == "straighten":
     import numpy as np
     from napari_soct.processing.backproject import straighten_volume
@@ -392,8 +428,12 @@ def main() -> int:
         error = f"{r['error']:.4f}" if r["error"] is not None else "-"
         covered = f"{r['covered']:,}" if r["covered"] is not None else "-"
         print(f"| {r['method']} | {r['seconds']:.3f} | {r['voxels_per_s'] / 1e6:.2f} M | {covered} | {error} |")
-    ours_row = next(r for r in speed["rows"] if r["method"] == "ours")
-    print(f"\nours / baseline speed: **{baseline['seconds'] / ours_row['seconds']:.2f}x**")
+    for r in speed["rows"]:
+        if r["method"].startswith("ours"):
+            print(f"- baseline / {r['method']}: **{baseline['seconds'] / r['seconds']:.2f}x**")
+    if speed["compile_seconds"] is not None:
+        print(f"- first calls of the numba kernels (compilation or disk-cache load, both modes): "
+              f"{speed['compile_seconds']:.2f} s, not in the timings")
     with tempfile.TemporaryDirectory(prefix="bench-backproject-") as tmp:
         end = bench_end_to_end(args.length, args.size, args.repeats, Path(tmp))
     print(f"\n### End to end: straightened TIFF in, zstd TIFF out ({end['voxels']:,} output voxels); median of "

@@ -381,3 +381,12 @@ def test_cli_radon_fbp_and_sart(volume, tmp_path, capsys):
     assert "angles '0:180': a range is 'start:stop:count'" in capsys.readouterr().err
     assert main(["fbp", str(sino), str(tmp_path / "p"), "--angles", "0:180:44"]) == 2
     assert "44 angle(s) given but the sinogram has 45" in capsys.readouterr().err
+
+
+def test_kernel_warm_up_follows_the_switch(monkeypatch):
+    from napari_soct.processing._jit import numba_module, warm_up
+
+    monkeypatch.setenv("NAPARI_SOCT_JIT", "0")
+    assert warm_up() is False
+    monkeypatch.setenv("NAPARI_SOCT_JIT", "1")
+    assert warm_up() is (numba_module() is not None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["jit_enabled", "numba_module"]
+__all__ = ["jit_enabled", "numba_module", "warm_up"]
 
 
 @functools.cache
@@ -31,3 +31,16 @@ def jit_enabled() -> bool:
     if os.environ.get("NAPARI_SOCT_JIT", "1").strip() == "0":
         return False
     return numba_module() is not None
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's disk cache) every kernel now rather than at its first use: e.g. before
+    timing or measuring memory, or in a worker process's setup. Returns whether the kernels are enabled."""
+    if not jit_enabled():
+        return False
+    from .backproject import _kernels as backproject_kernels
+    from .tomography import _kernels as tomography_kernels
+
+    backproject_kernels.warm_up()
+    tomography_kernels.warm_up()
+    return True

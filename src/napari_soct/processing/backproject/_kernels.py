@@ -160,3 +160,20 @@ def pull_batch(chunk, lower, upper, lo, hi, c_axis, sign, shape, strides, slab_o
                             value += fs * (_bilinear(flat, index + plane, n_cols, fu, fv) - value)
                         out_flat[target] = value
     return written
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) the kernel for float32 intensities and uint64 labels, with
+    a one-voxel batch, so that later calls start at once."""
+    lower = np.zeros((1, 3, 4))
+    lower[0, 2] = (0.0, 0.0, 1.0, 0.0)  # w = x: the slab is 0 <= x < 1 along its column
+    upper = lower.copy()
+    upper[0, 2, 3] = -1.0
+    lower[0, 0, 3] = lower[0, 1, 3] = upper[0, 0, 3] = upper[0, 1, 3] = 1.0
+    cell = np.zeros((1, 3), np.int64)
+    three = np.ones(3, np.int64)
+    for dtype, labels in ((np.float32, False), (np.uint64, True)):
+        chunk = np.zeros((2, 3, 3), dtype)
+        out = np.zeros(1, dtype)
+        pull_batch(chunk, lower, upper, cell, cell, 2, 1, three, three, np.zeros(1, np.int64), np.ones(1),
+                   np.ones(2), np.ones(2), out, np.empty(0, np.float32), labels)

@@ -12,60 +12,6 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
-def backproject_rows(q, cos_theta, sin_theta, center, n, radius, r0, r1, out):  # pragma: no cover - compiled
-    """Rows ``[r0, r1)`` of the unfiltered back projection into ``out`` (float32, ``n x n``).
-
-    ``q`` is ``(n_angles, n_det + 1)`` float32, the projections with one extra column (any value; it is read
-    with weight 0 where a position falls exactly on the last detector). Pixel ``(i, j)`` at
-    ``x = j - n // 2``, ``y = i - n // 2`` reads every projection at ``t = center + x cos - y sin``, linearly
-    interpolated, zero outside the detectors (``np.interp(t, detectors, q, left=0, right=0)``).
-    ``radius < 0``: every pixel; else only those within ``radius`` of the centre (the others are left as they
-    are).
-    """
-    n_angles = q.shape[0]
-    last = q.shape[1] - 2  # index of the last detector
-    half_n = n // 2
-    acc = np.zeros(n, np.float64)
-    for i in range(r0, r1):
-        y = i - half_n
-        if radius >= 0:
-            h2 = radius * radius - y * y
-            if h2 < 0:
-                continue
-            reach = int(math.floor(math.sqrt(h2)))
-            c0 = max(0, half_n - reach)
-            c1 = min(n, half_n + reach + 1)
-        else:
-            c0, c1 = 0, n
-        acc[c0:c1] = 0.0
-        for a in range(n_angles):
-            cs = cos_theta[a]
-            start = center - y * sin_theta[a] - half_n * cs  # t at column 0
-            # The columns whose t lies within [0, last] (t is linear along the row): no test in the loop.
-            j0, j1 = c0, c1
-            if cs > 1e-12:
-                j0 = max(j0, int(math.ceil(-start / cs)))
-                j1 = min(j1, int(math.floor((last - start) / cs)) + 1)
-            elif cs < -1e-12:
-                j0 = max(j0, int(math.ceil((last - start) / cs)))
-                j1 = min(j1, int(math.floor(-start / cs)) + 1)
-            elif not (0.0 <= start <= last):
-                continue
-            # Rounding at the ends of the range: step in or out by one column where needed.
-            while j0 < j1 and not (0.0 <= start + j0 * cs <= last):
-                j0 += 1
-            while j1 > j0 and not (0.0 <= start + (j1 - 1) * cs <= last):
-                j1 -= 1
-            qa = q[a]
-            for j in range(j0, j1):
-                t = start + j * cs
-                k = int(t)
-                acc[j] += qa[k] + (t - k) * (qa[k + 1] - qa[k])
-        for j in range(c0, c1):
-            out[i, j] = acc[j]
-
-
 # Contraction and reassociation only: NaN and infinity keep their meaning.
 _FAST = {"contract", "reassoc", "nsz", "arcp"}
 
@@ -131,3 +77,10 @@ def backproject_channels(table, cos_base, sin_base, center, grid, radius, r0, r1
                     f = t - np.float32(k)
                     for ch in range(n_ch):
                         acc[i, j, ch] += table[m, k, ch] + f * table[m, k, n_ch + ch]
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) the back projection kernel, on a 3 x 3 image."""
+    for n_ch in (1, 4):
+        table = np.zeros((1, 4, 2 * n_ch), np.float32)
+        backproject_channels(table, np.ones(1), np.zeros(1), 1.0, 3, 1.0, 0, 3, np.zeros((3, 3, n_ch), np.float32))
