@@ -132,7 +132,7 @@ def test_frames_are_rotation_minimising():
 # --- round trips on the synthetic tube ----------------------------------------------------------------------------
 
 
-def test_round_trip_labels_and_intensity(tube, tmp_path):
+def test_round_trip_labels_and_intensity(kernels, tube, tmp_path):
     width = height = 24
     pixel = min(tube["scale"])
     straightened = straighten_volume(_lazy(tube["image"], tube["scale"], "tube"), tube["points"], tmp_path,
@@ -167,7 +167,7 @@ def test_round_trip_labels_and_intensity(tube, tmp_path):
     assert np.corrcoef(values[region], tube["image"][region])[0, 1] >= 0.95
 
 
-def test_no_holes_between_slices_far_apart(tube, tmp_path):
+def test_no_holes_between_slices_far_apart(kernels, tube, tmp_path):
     # Slices 2.5 voxels apart along the path: every voxel between them is still filled.
     spacing = 2.5 * min(tube["scale"])
     labels = straighten_volume(_lazy(tube["mask"], tube["scale"], "mask"), tube["points"], tmp_path, name="far",
@@ -228,7 +228,7 @@ def _reference_pull(rects, height, width, shape):
     return s_of.reshape(shape), np.isfinite(best).reshape(shape), brackets.reshape(shape)
 
 
-def test_folding_slices_take_the_nearest_slab(tmp_path):
+def test_folding_slices_take_the_nearest_slab(kernels, tmp_path):
     # A U-turn of radius 4 voxels with slices 14 voxels wide: slices overlap inside the bend.
     theta = np.linspace(0, np.pi, 40)
     centre = np.array([12.0, 12.0, 14.0])
@@ -387,7 +387,7 @@ def test_upsampling_to_a_finer_level(tube, tmp_path):
 # --- memory --------------------------------------------------------------------------------------------------------
 
 
-def test_peak_memory_stays_within_budget(tmp_path):
+def test_peak_memory_stays_within_budget(kernels, tmp_path):
     # A path down a 400 x 100 x 132 zarr volume (21 MB of float32, ten times the 2 MiB budget): straightening
     # reads it batch by batch, and the backprojection's full-extent output is as large.
     shape = (400, 100, 132)
@@ -497,3 +497,143 @@ def test_cli_straighten_and_backproject(tube, tmp_path):
     assert _dice(tube["mask"].astype(bool) & region, (full != 0) & region) >= 0.97
     assert main(["backproject", str(tmp_path / "out" / "m.tif"), str(tmp_path / "missing.json"),
                  str(tmp_path / "out2"), "--quiet"]) == 2
+
+
+# --- folders of per-plane TIFFs as inputs, and the straightened-volume writer ------------------------------------
+
+
+def _write_planes(folder, volume, digits=0):
+    """One single-page TIFF per plane; unpadded names by default (2.tif must come before 10.tif)."""
+    folder.mkdir(parents=True)
+    for z, plane in enumerate(volume):
+        tifffile.imwrite(folder / f"{str(z).zfill(digits)}.tif", plane)
+    return folder
+
+
+def test_cli_takes_folders_of_per_plane_tiffs(tube, tmp_path, capsys):
+    from napari_soct.pipeline.cli import main
+
+    points = tmp_path / "path.csv"
+    voxels = tube["points"] / np.asarray(tube["scale"])
+    points.write_text("z,y,x\n" + "\n".join(",".join(map(str, p)) for p in voxels))
+    options = ["--points-in-voxels", "--width", "18", "--height", "14", "--name", "v", "--quiet"]
+    # The same source as one TIFF stack and as a folder of planes (48 planes: 10..47 after 9 only numerically).
+    tifffile.imwrite(tmp_path / "source.tif", tube["image"])
+    folder = _write_planes(tmp_path / "source_planes", tube["image"])
+    assert main(["straighten", str(tmp_path / "source.tif"), str(points), str(tmp_path / "file"), *options]) == 0
+    assert main(["straighten", str(folder), str(points), str(tmp_path / "folder"), *options]) == 0
+    from_file = tifffile.imread(tmp_path / "file" / "v.tif")
+    from_folder = tifffile.imread(tmp_path / "folder" / "v.tif")
+    assert from_file.shape[1:] == (14, 18) and from_file.shape[0] > 40
+    assert np.array_equal(from_folder, from_file)
+    # The straightened volume as a folder of per-slice TIFFs (unpadded names) is backprojected identically.
+    slices = _write_planes(tmp_path / "v-planes", from_file)
+    config = str(tmp_path / "file" / "v-configuration.json")
+    assert main(["backproject", str(tmp_path / "file" / "v.tif"), config, str(tmp_path / "bp_file"),
+                 "--memory-budget-gb", "0.01", "--quiet"]) == 0
+    assert main(["backproject", str(slices), config, str(tmp_path / "bp_folder"), "--memory-budget-gb", "0.01",
+                 "--quiet"]) == 0
+    expected = tifffile.imread(tmp_path / "bp_file" / "v-backprojected.tif")
+    assert expected.any()
+    assert np.array_equal(tifffile.imread(tmp_path / "bp_folder" / "v-backprojected.tif"), expected)
+    offsets = [json.loads((tmp_path / d / "v-configuration.json").read_text())["backprojection_offset"]
+               for d in ("bp_file", "bp_folder")]
+    assert offsets[0] == offsets[1] is not None
+    # The straighten step's own per-slice folder output is an input too.
+    assert main(["straighten", str(folder), str(points), str(tmp_path / "own"), "--no-make-single-file",
+                 *options]) == 0
+    assert main(["backproject", str(tmp_path / "own" / "v-slices"), str(tmp_path / "own" / "v-configuration.json"),
+                 str(tmp_path / "own"), "--quiet"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "own" / "v-backprojected.tif"), expected)
+    # Planes that do not fit: a clear error (exit code 2), naming the file.
+    tifffile.imwrite(slices / "3.tif", from_file[3, :5])
+    assert main(["backproject", str(slices), config, str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "v-planes: planes differ: 3.tif is (5, 18) float32" in capsys.readouterr().err
+
+
+def _straightened_layer(result):
+    """The layer tuple the reader / Straighten widget make for a straightened OME-Zarr."""
+    from napari_soct._layers import ome_zarr_layers
+
+    [(data, kwargs, kind)] = ome_zarr_layers(result.zarr_path)
+    meta = {"scale": kwargs["scale"], "translate": kwargs["translate"], "units": kwargs["units"],
+            "axis_labels": kwargs["axis_labels"], "name": kwargs["name"], "metadata": kwargs["metadata"],
+            "multiscale": kwargs["multiscale"], "rgb": False}
+    return data, meta
+
+
+def test_straightened_layer_saved_with_its_configuration(tube, tmp_path):
+    from napari_soct import _writer
+
+    labels = _lazy(tube["labels"], tube["scale"], "mask")
+    straight = straighten_volume(labels, tube["points"], tmp_path / "s", width=20, height=20, name="m",
+                                 value_mode="labels")
+    data, meta = _straightened_layer(straight)
+    written = _writer.write_straightened_labels_tiff(str(tmp_path / "saved" / "seg.zstd.tif"), data, meta)
+    tiff, config = tmp_path / "saved" / "seg.zstd.tif", tmp_path / "saved" / "seg-configuration.json"
+    assert written == [str(tiff), str(config)]
+    with tifffile.TiffFile(tiff) as tif:
+        assert tif.pages[0].compression == 50000  # zstd, from the file name
+    saved = tifffile.imread(tiff)
+    assert saved.dtype == np.uint64 and np.array_equal(saved, tifffile.imread(straight.tiff_path))
+    record, original = json.loads(config.read_text()), json.loads(straight.config_path.read_text())
+    assert record["output_file_path"] == "seg.zstd.tif" and record["config_file_path"] == str(config.resolve())
+    assert record["slice_options"]["output_file_folder"] == str(tiff.parent.resolve())
+    assert record["slice_options"]["output_file_name"] == "seg"
+    assert record["napari_soct"]["straightened_zarr"] is None and record["napari_soct"]["value_mode"] == "labels"
+    assert record["slice_rects"] == original["slice_rects"] and record["volume_cache"] == original["volume_cache"]
+
+    # Backprojecting the saved pair gives what the original outputs give.
+    reference = backproject_volume(straight.tiff_path, straight.config_path, tmp_path / "bp_original",
+                                   write_ome_zarr=False)
+    again = backproject_volume(tiff, config, tmp_path / "bp_saved", write_ome_zarr=False)
+    assert again.offset_zyx == reference.offset_zyx and again.tiff_path.name == "seg-backprojected.tif"
+    expected = tifffile.imread(reference.tiff_path)
+    assert (expected >= LABEL_BASE).any()
+    assert np.array_equal(tifffile.imread(again.tiff_path), expected)
+
+    # An intensity layer (the straightened image) through the image writer, same check.
+    image = straighten_volume(_lazy(tube["image"], tube["scale"], "img"), tube["points"], tmp_path / "i",
+                              width=20, height=20, name="img")
+    data, meta = _straightened_layer(image)
+    tiff2, config2 = _writer.write_straightened_image_tiff(str(tmp_path / "saved" / "vol"), data, meta)
+    assert tiff2.endswith("vol.tif") and config2.endswith("vol-configuration.json")
+    reference = backproject_volume(image.tiff_path, image.config_path, tmp_path / "bp_i1", write_ome_zarr=False)
+    again = backproject_volume(tiff2, config2, tmp_path / "bp_i2", write_ome_zarr=False)
+    np.testing.assert_array_equal(tifffile.imread(again.tiff_path), tifffile.imread(reference.tiff_path))
+
+
+def test_straightened_writer_refuses_missing_configuration_and_existing_files(tube, tmp_path):
+    from napari_soct import _writer
+    from napari_soct.processing.backproject.config import configuration_from_metadata
+
+    straight = straighten_volume(tube["labels"], tube["points"][:3] * 0.5, tmp_path / "s", width=8, height=8,
+                                 name="m", value_mode="labels")
+    data, meta = _straightened_layer(straight)
+    out = tmp_path / "out"
+    # A layer without a configuration (e.g. painted by hand): a clear error, nothing written.
+    painted = {"name": "painted", "scale": meta["scale"], "metadata": {}}
+    with pytest.raises(_writer.LayerWriteError, match="layer 'painted' has no straightening configuration"):
+        _writer.write_straightened_labels_tiff(str(out / "p.tif"), np.asarray(data), painted)
+    # ... given one (what the Backproject widget's "attach" does), it is saved.
+    painted["metadata"] = {"soct_configuration": str(straight.config_path)}
+    assert configuration_from_metadata(painted["metadata"]) == straight.config_path
+    _writer.write_straightened_labels_tiff(str(out / "p.tif"), np.asarray(data), painted)
+    # A configuration that does not describe the layer's shape, or that is gone: refused, nothing written.
+    with pytest.raises(_writer.LayerWriteError, match=r"layer 'painted'.* is \(.*\), but .* describes"):
+        _writer.write_straightened_labels_tiff(str(out / "q.tif"), np.asarray(data)[:-1], painted)
+    gone = {**painted, "metadata": {"soct_configuration": str(tmp_path / "gone-configuration.json")}}
+    with pytest.raises(_writer.LayerWriteError, match="does not exist"):
+        _writer.write_straightened_labels_tiff(str(out / "q.tif"), np.asarray(data), gone)
+    assert sorted(p.name for p in out.iterdir()) == ["p-configuration.json", "p.tif"]
+    # Existing outputs are never replaced silently; either file of the pair stops the save before writing.
+    before = (out / "p.tif").read_bytes()
+    with pytest.raises(OutputExistsError, match="p.tif: already exists"):
+        _writer.write_straightened_labels_tiff(str(out / "p.tif"), np.zeros_like(np.asarray(data)), painted)
+    assert (out / "p.tif").read_bytes() == before
+    (out / "r-configuration.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="r-configuration.json: already exists"):
+        _writer.write_straightened_labels_tiff(str(out / "r.tif"), np.asarray(data), painted)
+    assert not (out / "r.tif").exists() and (out / "r-configuration.json").read_text() == "{}"
+    # The straightened OME-Zarr's own attributes name the configuration (reader and widget layers).
+    assert configuration_from_metadata(meta["metadata"]) == straight.config_path

@@ -15,7 +15,7 @@ from .processing.io.omezarr import open_ome_zarr
 from .processing.io.rawtiles import RawAcquisition, open_raw_acquisition
 from .processing.preprocess.mosaic import central_tiles, lazy_raw_mosaic, slice_geometry
 
-__all__ = ["raw_acquisition_layers", "ome_zarr_layers", "contrast_limits_of"]
+__all__ = ["raw_acquisition_layers", "ome_zarr_layers", "tiff_planes_layers", "contrast_limits_of"]
 
 MAX_CONTRAST_SAMPLE = 16_000_000
 
@@ -136,6 +136,28 @@ def ome_zarr_layers(path, kind: str | None = None) -> list[tuple]:
     if kind == "image":
         kwargs["contrast_limits"] = contrast_limits_of(_contrast_sample(image.levels))
     return [(pyramid if len(pyramid) > 1 else pyramid[0], kwargs, kind)]
+
+
+def tiff_planes_layers(path) -> list[tuple]:
+    """One image layer for a folder of single-page TIFFs (one per z plane), lazy (one dask chunk per plane).
+
+    A straightened volume written as per-slice TIFFs (``<name>-slices/`` or ``<name>/`` next to
+    ``<name>-configuration.json``) gets that configuration in its metadata, for the straightened-volume writer.
+    """
+    from .processing.backproject.config import CONFIG_METADATA_KEY, CONFIG_SUFFIX
+    from .processing.io.images import open_image
+
+    folder = Path(path)
+    image = open_image(folder)
+    metadata = {"source": str(folder)}
+    for base in (folder.name.removesuffix("-slices"), folder.name):
+        config = folder.parent / f"{base}{CONFIG_SUFFIX}"
+        if config.is_file():
+            metadata[CONFIG_METADATA_KEY] = str(config)
+            break
+    middle = np.asarray(image.data[image.shape[0] // 2])  # one plane: napari never scans the volume
+    kwargs = {"name": folder.name, "contrast_limits": contrast_limits_of(middle), "metadata": metadata}
+    return [(image.data, kwargs, "image")]
 
 
 def stacked_ome_zarr_layer(paths, name: str, kind: str = "image") -> tuple:

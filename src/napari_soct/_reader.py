@@ -1,20 +1,24 @@
-"""napari reader: raw S-OCT acquisition folders and OME-Zarr images (NGFF 0.4 and 0.5).
+"""napari reader: raw S-OCT acquisition folders, OME-Zarr images (NGFF 0.4 and 0.5) and folders of per-plane TIFFs.
 
 napari offers every folder to a reader with ``accepts_directories``; anything that is not ours is rejected
-cheaply (a directory listing or one small JSON read) by returning None.
+cheaply (a directory listing or one small JSON read) by returning None. A folder is read as per-plane TIFFs
+only when everything visible in it is a ``*.tif``/``*.tiff`` file (one 2D plane each, natural name order): a
+lazy 3D image layer, one plane read at a time.
 """
 
 from __future__ import annotations
 
 import os
 
-from ._layers import ome_zarr_layers, raw_acquisition_layers
+from ._layers import ome_zarr_layers, raw_acquisition_layers, tiff_planes_layers
+from .processing.io.images import is_tiff_plane_folder
 from .processing.io.omezarr import is_ome_zarr
 from .processing.io.rawtiles import is_raw_acquisition
 
 
 def get_reader(path):
-    """Return a reader function for ``path`` when it is an S-OCT acquisition or an OME-Zarr image, else None."""
+    """Return a reader function for ``path`` when it is an S-OCT acquisition, an OME-Zarr image or a folder of
+    per-plane TIFFs, else None."""
     if isinstance(path, list | tuple):
         if len(path) != 1:
             return None
@@ -24,6 +28,8 @@ def get_reader(path):
         return read_raw_acquisition
     if is_ome_zarr(path):
         return read_ome_zarr
+    if is_tiff_plane_folder(path):
+        return read_tiff_planes
     return None
 
 
@@ -39,3 +45,8 @@ def read_raw_acquisition(path):
 def read_ome_zarr(path):
     """Layer data for an OME-Zarr image."""
     return ome_zarr_layers(_single(path))
+
+
+def read_tiff_planes(path):
+    """Layer data for a folder of per-plane TIFFs (one lazy 3D image)."""
+    return tiff_planes_layers(_single(path))

@@ -23,6 +23,16 @@ swapped in once the new one is complete (atomic rename).
 
 Layer rotation, shear and affine are not saved (OME-Zarr 0.5 and TIFF carry scale and translation only); a
 warning says so when they are not the identity.
+
+**Straightened volume + Ouroboros configuration (TIFF)** (:func:`write_straightened_image_tiff`,
+:func:`write_straightened_labels_tiff`): the layer as a TIFF stack and ``<name>-configuration.json`` beside
+it (a copy of the straightening's configuration naming the new files), ready for ``napari-soct backproject
+<name>.tif <name>-configuration.json OUT``. The configuration is the one the layer's metadata names (see
+:func:`napari_soct.processing.backproject.config.configuration_from_metadata`): layers added by the
+Straighten widget and straightened OME-Zarrs or per-slice TIFF folders opened with this plugin's reader know
+theirs; for any other layer (e.g. a Labels layer painted on the straightened volume), choose the layer and the
+configuration in the Backproject widget and press "attach configuration to layer" (running a backprojection
+attaches it too). A layer without one is refused with an error saying so; nothing is written.
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ __all__ = [
     "write_image_tiff",
     "write_labels_tiff",
     "write_layers_ome_zarr_folder",
+    "write_straightened_image_tiff",
+    "write_straightened_labels_tiff",
 ]
 
 OME_ZARR_EXTENSIONS = (".ome.zarr", ".zarr")
@@ -299,3 +311,90 @@ def write_layers_ome_zarr_folder(path: str, layer_data: list[tuple]) -> list[str
     except ValueError as err:
         raise LayerWriteError(f"cannot save the layers to {folder}: {err}") from err
     return [str(folder / name) for name in names]
+
+
+# --- straightened volume + its Ouroboros configuration (issue 6) ---------------------------------------------------
+def _base_name(target: Path) -> str:
+    """File name without the TIFF extension and the compression word (``vessel.zstd.tif`` -> ``vessel``)."""
+    name = target.name
+    for ext in TIFF_EXTENSIONS:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    if "." in name:
+        stem, word = name.rsplit(".", 1)
+        if _COMPRESSION_WORDS.get(word.lower(), word.lower()) in TIFF_COMPRESSIONS:
+            name = stem
+    return name
+
+
+def _write_straightened(path: str, data, meta: dict, kind: str) -> list[str]:
+    from .processing.backproject.config import CONFIG_SUFFIX, configuration_from_metadata, save_straightened
+
+    target = _with_extension(path, TIFF_EXTENSIONS)
+    layer = str(meta.get("name") or kind)
+    config = configuration_from_metadata(meta.get("metadata"))
+    if config is None:
+        raise LayerWriteError(
+            f"layer {layer!r} has no straightening configuration (<name>-configuration.json) in its metadata, so "
+            "it cannot be saved with one. Choose the layer and its configuration in the 'Backproject into the "
+            "source' widget and press 'attach configuration to layer', or save it as a plain TIFF"
+        )
+    if not config.is_file():
+        raise LayerWriteError(f"layer {layer!r}: its configuration {config} does not exist (moved or deleted?); "
+                              "attach the right one with the Backproject widget")
+    base = _base_name(target)
+    config_out = target.parent / f"{base}{CONFIG_SUFFIX}"
+    if_exists = _if_exists()
+    for output in (target, config_out):
+        if if_exists == "error" and output.exists():
+            raise _refuse_message(output)
+    options = _layer_options(meta, kind)
+    options.pop("rgb")
+    level0 = data[0] if meta.get("multiscale") else data
+    try:
+        save_straightened(target, level0, config, name=base, value_mode="labels" if kind == "labels" else None,
+                          compression=compression_from_filename(str(target), TIFF_EXTENSIONS, TIFF_COMPRESSIONS,
+                                                                settings.tiff_compression),
+                          if_exists=if_exists, memory_budget_gb=settings.memory_budget_gb, tiff_options=options,
+                          source_name=f"layer {layer!r}")
+    except OutputExistsError as err:
+        raise _refuse_message(target if target.exists() else config_out) from err
+    except (ValueError, OSError) as err:
+        raise LayerWriteError(f"cannot save layer {layer!r} with its configuration to {target}: {err}") from err
+    return [str(target), str(config_out)]
+
+
+def write_straightened_image_tiff(path: str, data, meta: dict) -> list[str]:
+    """npe2 writer: a straightened volume (image layer) as a TIFF stack plus ``<name>-configuration.json``.
+
+    Parameters
+    ----------
+    path : str
+        Target ``*.tif``/``*.tiff`` (appended when missing); a compression word before the extension picks
+        the compression (``vessel.zstd.tif``), and is not part of ``<name>``.
+    data : array-like or list of array-like
+        The layer data ``(slices, height, width)`` (level 0 when multiscale).
+    meta : dict
+        The layer's attributes; ``meta["metadata"]`` must name the straightening's configuration.
+
+    Returns
+    -------
+    list of str
+        The TIFF and the configuration written.
+
+    Raises
+    ------
+    LayerWriteError
+        If the layer has no configuration, or its shape is not the one the configuration describes (nothing
+        is written).
+    OutputExistsError
+        If the TIFF or the configuration exists (unless ``settings.if_exists == "overwrite"``).
+    """
+    return _write_straightened(path, data, meta, "image")
+
+
+def write_straightened_labels_tiff(path: str, data, meta: dict) -> list[str]:
+    """npe2 writer: a segmentation of a straightened volume (labels layer) as a TIFF stack, ids kept exactly,
+    plus ``<name>-configuration.json`` (see :func:`write_straightened_image_tiff`)."""
+    return _write_straightened(path, data, meta, "labels")

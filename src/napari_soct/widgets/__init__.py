@@ -127,24 +127,78 @@ class StraightenWidget(StepWidget):
         values[0].metadata["translate"] = tuple(float(t) for t in layer.translate[-3:])
         return values
 
+    def _output_layers(self, result) -> list[tuple]:
+        from ..processing.backproject.config import CONFIG_METADATA_KEY
+
+        layers = super()._output_layers(result)
+        for _, kwargs, _ in layers:
+            # The straightened layer names its configuration (absolute), for Backproject and the TIFF writer.
+            kwargs.setdefault("metadata", {})[CONFIG_METADATA_KEY] = str(result.config_path.resolve())
+        return layers
+
 
 class BackprojectWidget(StepWidget):
-    """Dock widget of the backproject step; the result is shown at its place in the source volume."""
+    """Dock widget of the backproject step; the result is shown at its place in the source volume.
+
+    "attach configuration to layer" stores the chosen configuration in the chosen layer's metadata (e.g. a
+    Labels layer painted on the straightened volume), so that *File > Save Selected Layer(s)* with
+    "Straightened ... + Ouroboros configuration (TIFF)" saves the pair; running a backprojection attaches it too.
+    """
 
     def __init__(self, napari_viewer=None):
+        from magicgui.widgets import PushButton
+
         super().__init__(get_step("backproject"), napari_viewer)
         _image_or_labels_picker(self, "straightened")
+        self.attach_button = PushButton(text="attach configuration to layer", name="attach_configuration")
+        self.attach_button.tooltip = (
+            "Remember this configuration in the straightened layer's metadata (e.g. a Labels layer you painted), "
+            "so that File > Save Selected Layer(s) > 'Straightened ... + Ouroboros configuration (TIFF)' "
+            "writes the layer with its configuration")
+        self.attach_button.changed.connect(lambda *_: self.attach_configuration())
+        self.insert(list(self).index(self.input_widgets["configuration"]) + 1, self.attach_button)
+
+    def _layer_configuration(self, layer):
+        from ..processing.backproject.config import configuration_from_metadata
+
+        return configuration_from_metadata(getattr(layer, "metadata", None))
+
+    def attach_configuration(self) -> bool:
+        """Store the configuration file in the chosen layer's metadata after checking that it describes the
+        layer's shape; the status line says what happened. Returns whether it was attached."""
+        from ..processing.backproject.config import (
+            CONFIG_METADATA_KEY,
+            check_configuration_shape,
+            read_configuration,
+        )
+
+        layer = self.input_widgets["straightened"].value
+        path = self.input_widgets["configuration"].value
+        try:
+            if layer is None:
+                raise ValueError("choose the straightened layer first")
+            if str(path) in ("", "."):
+                raise ValueError("choose the configuration file first")
+            config = read_configuration(path)
+            data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+            check_configuration_shape(config, data.shape, f"layer '{layer.name}'")
+        except (ValueError, OSError) as err:
+            self.status.value = f"error: {err}"
+            return False
+        layer.metadata = {**layer.metadata, CONFIG_METADATA_KEY: str(config.path.resolve())}
+        self.status.value = f"layer '{layer.name}' now carries {config.path.name}"
+        return True
 
     def inputs(self) -> list:
         config = self.input_widgets["configuration"]
         layer = self.input_widgets["straightened"].value
-        straightened = (getattr(layer, "metadata", None) or {}).get("soct_straighten") or {}
-        source = (getattr(layer, "metadata", None) or {}).get("source")
-        if str(config.value) in ("", ".") and source and straightened.get("configuration"):
-            # A straightened volume this plugin wrote knows its configuration file.
-            from pathlib import Path
-
-            config.value = Path(source).parent / straightened["configuration"]
+        known = self._layer_configuration(layer)
+        if str(config.value) in ("", "."):
+            if known is not None:
+                # A straightened volume this plugin wrote (or one given a configuration) knows its file.
+                config.value = known
+        elif known is None and layer is not None:
+            self.attach_configuration()  # the user named it for this layer: remember it for saving
         return super().inputs()
 
     def _output_layers(self, result) -> list[tuple]:

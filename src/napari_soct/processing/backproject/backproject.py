@@ -24,7 +24,7 @@ from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Progress, ProgressCallback
 from .config import CONFIG_SUFFIX, StraightenConfiguration, read_configuration, write_configuration
-from .arrays import TiffPages, direct_array
+from .arrays import direct_array
 from .geometry import SliceGeometry
 from .pull import plan_slabs, pull_block, pull_memory_per_cell
 from .straighten import TIFF_COMPRESSIONS
@@ -108,11 +108,7 @@ def _as_image(straightened) -> ImageData:
     if isinstance(straightened, ImageData):
         return straightened
     if isinstance(straightened, (str, Path)):
-        path = Path(straightened)
-        if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zattrs").exists():
-            pages = TiffPages(path)  # a folder of one TIFF per slice
-            return ImageData(pages, (1.0,) * 3, path.name, None, path)
-        return open_image(path)
+        return open_image(straightened)  # files, OME-Zarr, or a folder of per-slice TIFFs
     return ImageData(straightened, (1.0,) * np.ndim(straightened))
 
 

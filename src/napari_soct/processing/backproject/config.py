@@ -16,12 +16,19 @@ Keys read and written (Ouroboros's names):
 ``link_rects`` is also accepted at the top level. Our own additions live under ``"napari_soct"`` (source
 shape, voxel size and origin, pyramid levels, value mode); files without it (written by Ouroboros) are read
 with voxel units and an unknown source extent.
+
+An image (or napari layer) knows its configuration through its metadata (:func:`configuration_from_metadata`):
+``metadata["soct_configuration"]`` (a path; set by the widgets), or the ``soct_straighten`` attributes of a
+straightened OME-Zarr (the configuration's file name, next to ``metadata["source"]``).
+:func:`save_straightened` writes a straightened volume (or a segmentation of it) as TIFF with a copy of its
+configuration that names the new files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +37,11 @@ import numpy as np
 from ..io.atomic import atomic_output
 
 __all__ = ["StraightenConfiguration", "read_configuration", "write_configuration", "bounding_boxes_for",
-           "CONFIG_SUFFIX"]
+           "CONFIG_SUFFIX", "CONFIG_METADATA_KEY", "configuration_from_metadata", "check_configuration_shape",
+           "save_straightened"]
 
 CONFIG_SUFFIX = "-configuration.json"
+CONFIG_METADATA_KEY = "soct_configuration"
 
 
 @dataclass
@@ -189,3 +198,118 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def configuration_from_metadata(metadata: dict | None) -> Path | None:
+    """The configuration file that an image's (or napari layer's) metadata names, or None.
+
+    ``metadata["soct_configuration"]`` (a path) comes first; else the ``soct_straighten`` attributes of a
+    straightened OME-Zarr (``{"configuration": "<name>-configuration.json"}``, written next to it) resolved
+    against ``metadata["source"]``. The file is not checked to exist.
+    """
+    metadata = metadata or {}
+    explicit = metadata.get(CONFIG_METADATA_KEY)
+    if explicit:
+        return Path(explicit)
+    straightened = metadata.get("soct_straighten") or {}
+    source = metadata.get("source")
+    if isinstance(straightened, dict) and straightened.get("configuration") and source:
+        return Path(source).parent / str(straightened["configuration"])
+    return None
+
+
+def check_configuration_shape(config: StraightenConfiguration, shape, what: str) -> None:
+    """Raise ValueError, naming ``what`` and the file, unless ``shape`` is the ``(slices, height, width)`` that
+    ``config`` describes."""
+    expected = (config.n_slices, config.height, config.width)
+    if tuple(int(s) for s in shape) != expected:
+        raise ValueError(f"{what} is {tuple(shape)}, but {config.path} describes {expected} (slices, height, "
+                         "width)")
+
+
+def save_straightened(
+    tiff_path: str | os.PathLike,
+    data,
+    configuration: str | os.PathLike,
+    *,
+    name: str | None = None,
+    value_mode: str | None = None,
+    compression: str = "zstd",
+    if_exists: str = "error",
+    memory_budget_gb: float = 1.0,
+    tiff_options: dict | None = None,
+    source_name: str = "",
+) -> tuple[Path, Path]:
+    """Write a straightened volume (or a segmentation of it) as a TIFF stack plus ``<name>-configuration.json``.
+
+    The configuration is a copy of ``configuration`` whose output fields name the new files
+    (``output_file_path``, ``config_file_path``, ``slice_options.output_file_folder`` and
+    ``output_file_name``, ``json_path``; the previous backprojection's fields are cleared), so that
+    ``napari-soct backproject <tiff> <configuration>`` works on the pair.
+
+    Parameters
+    ----------
+    tiff_path : path
+        The TIFF to write; the configuration goes next to it.
+    data : array-like
+        ``(slices, height, width)``, as ``configuration`` describes (read block by block).
+    configuration : path
+        The straightening's configuration (ours or Ouroboros's).
+    name : str, optional
+        Base name of the pair (``<name>-configuration.json``); default: the TIFF's name without extension.
+    value_mode : {"intensity", "labels"}, optional
+        Recorded in the configuration (a segmentation painted on an intensity volume is ``"labels"``).
+    compression, if_exists, memory_budget_gb
+        As for :func:`napari_soct.processing.io.writers.save_tiff`.
+    tiff_options : dict, optional
+        More :func:`~napari_soct.processing.io.writers.save_tiff` keywords (``scale``, ``translate``,
+        ``units``, ``axes``, ``name``: the physical metadata of the TIFF).
+    source_name : str
+        What the data are (a layer name), for error messages.
+
+    Returns
+    -------
+    (Path, Path)
+        The TIFF and the configuration written.
+
+    Raises
+    ------
+    ValueError
+        If the data do not have the shape the configuration describes.
+    OutputExistsError
+        If either output exists and ``if_exists`` is ``"error"``; nothing is written then.
+    """
+    from ..io.atomic import check_can_write
+    from ..io.writers import save_tiff
+
+    tiff_path = Path(tiff_path)
+    config = read_configuration(configuration)
+    check_configuration_shape(config, np.shape(data), f"'{source_name or tiff_path.name}'")
+    name = name or re.sub(r"\.tiff?$", "", tiff_path.name, flags=re.IGNORECASE)
+    config_path = tiff_path.parent / f"{name}{CONFIG_SUFFIX}"
+    if config_path.resolve() == config.path.resolve():
+        raise ValueError(f"{config_path}: is the configuration being copied; save the volume under another name "
+                         "or in another folder")
+    # Both checked before anything is written: an existing output of the pair stops the whole save.
+    writes = [check_can_write(p, if_exists) for p in (tiff_path, config_path)]
+    if not all(writes):
+        return tiff_path, config_path
+    updated = dict(config.raw)
+    options = dict(updated.get("slice_options") or {})
+    options.update(output_file_folder=str(tiff_path.parent.resolve()), output_file_name=name, make_single_file=True)
+    updated.update(slice_options=options, output_file_path=tiff_path.name, config_file_path=str(config_path.resolve()),
+                   json_path=None, backproject_options=None, backprojected_folder_path=None,
+                   backprojection_offset=None)
+    ours = dict(updated.get("napari_soct") or {})
+    if ours or value_mode:
+        ours.pop("backprojection", None)
+        ours.update(straightened_zarr=None, dtype=str(np.dtype(data.dtype)), saved_from=str(config.path),
+                    **({"value_mode": value_mode} if value_mode else {}))
+        updated["napari_soct"] = ours
+    mode = "overwrite" if if_exists != "error" else "error"
+    # The configuration is renamed into place only after the TIFF is complete: never one without the other.
+    with atomic_output(config_path, mode) as tmp:
+        Path(tmp).write_text(json.dumps(updated, indent=1, default=_json_default))
+        save_tiff(tiff_path, data, **{"name": name, **(tiff_options or {})}, compression=compression,
+                  if_exists=mode, memory_budget_gb=memory_budget_gb)
+    return tiff_path, config_path
