@@ -60,10 +60,23 @@ class _ProgressPrinter:
             print(file=sys.stderr)
 
 
+#: Words that leave an optional input empty on the command line (a positional argument cannot be left out).
+EMPTY_WORDS = ("", "none")
+
+
+def _optional_path(text: str):
+    """An optional input's argument: ``""`` (what the step function takes as "none") or a path."""
+    return "" if text.strip().lower() in EMPTY_WORDS else Path(text)
+
+
 def _add_step_parser(sub, step: Step) -> None:
     parser = sub.add_parser(step.name, help=step.title, description=step.help)
     for inp in step.inputs:
-        parser.add_argument(inp.name, type=Path, metavar=inp.name.upper(), help=inp.help)
+        if inp.optional:
+            parser.add_argument(inp.name, type=_optional_path, metavar=inp.name.upper(),
+                                help=f"{inp.help} (optional: give '' or none to leave it empty)")
+        else:
+            parser.add_argument(inp.name, type=Path, metavar=inp.name.upper(), help=inp.help)
     parser.add_argument("--config", type=Path, help=f"TOML config file; its [{step.name}] section sets defaults")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     group = parser.add_argument_group("step parameters")

@@ -16,9 +16,11 @@ from pathlib import Path
 from ..processing.params import ParamInfo, param_infos
 from ..processing.preprocess import PreprocessParams, PreprocessResult, preprocess_acquisition
 
-__all__ = ["Input", "Step", "STEPS", "register", "get_step", "INPUT_MODES"]
+__all__ = ["Input", "Step", "STEPS", "register", "get_step", "INPUT_MODES", "OPTIONAL_MODES"]
 
 INPUT_MODES = ("dir", "file", "out_dir", "out_file", "image", "labels", "points")
+#: Modes an optional input may have (see :attr:`Input.optional`).
+OPTIONAL_MODES = ("dir", "file")
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,33 @@ class Input:
         (OME-Zarr, zarr, TIFF, .npy) on the command line; or ``"points"``: ordered points, an ``(N, 3)``
         array of physical ``(z, y, x)`` (``data * scale + translate``) from a Points layer (or a Shapes
         layer's first path) in napari, the path of a ``.csv`` / ``.npy`` file on the command line.
+    optional : bool
+        The step function accepts ``""`` for this input (an existing ``"dir"`` or ``"file"`` only): the widget
+        may be left empty, the command line takes ``''`` or ``none``; the function then receives ``""``.
+    empty : str
+        What leaving an optional input empty means, shown as the widget's placeholder (``"none: motor-only"``).
     """
 
     name: str
     help: str
     mode: str = "dir"
+    optional: bool = False
+    empty: str = ""
 
     def __post_init__(self):
         if self.mode not in INPUT_MODES:
             raise ValueError(f"Input {self.name!r}: mode must be one of {INPUT_MODES}, got {self.mode!r}")
+        # Only existing paths can be optional: an output must be named, a layer is always chosen.
+        if self.optional and self.mode not in OPTIONAL_MODES:
+            raise ValueError(f"Input {self.name!r}: only inputs of mode {' or '.join(OPTIONAL_MODES)} can be "
+                             f"optional, not {self.mode!r}")
+        if self.empty and not self.optional:
+            raise ValueError(f"Input {self.name!r}: 'empty' describes an optional input; set optional=True")
+
+    @property
+    def placeholder(self) -> str:
+        """Text shown in an empty optional input (``"(none: motor-only)"``)."""
+        return f"({self.empty or 'none'})" if self.optional else ""
 
     @property
     def is_array(self) -> bool:
@@ -257,7 +277,8 @@ register(
         function=assess_quality,
         params=QualityParams,
         inputs=(Input("source", "Folder of normalised slices (slice_z*_normalize.ome.zarr)", "dir"),
-                Input("slice_config", "slice_config.csv to start from", "file"),
+                Input("slice_config", "slice_config.csv to start from (manual use=false kept); empty: a new "
+                      "configuration of the scored slices", "file", optional=True, empty="none: a new configuration"),
                 Input("out_dir", "Output folder for the stamped slice_config.csv", "out_dir")),
         outputs=lambda result: [],
         summary=_quality_summary,
@@ -619,7 +640,8 @@ register(
         function=auto_exclude_slices,
         params=ExclusionParams,
         inputs=(Input("registration_csv", "pairwise_registration.csv from step 12", "file"),
-                Input("slice_config", "slice_config.csv to stamp", "file"),
+                Input("slice_config", "slice_config.csv to stamp; empty: a new configuration of the registered "
+                      "slices", "file", optional=True, empty="none: a new configuration"),
                 Input("out_dir", "Output folder for the stamped slice_config.csv", "out_dir")),
         outputs=lambda result: [],
         summary=_exclusion_summary,
@@ -651,8 +673,9 @@ register(
         function=stack_slices,
         params=StackParams,
         inputs=(Input("common_dir", "Folder of slices in common space (10_common)", "dir"),
-                Input("registration_csv", "pairwise_registration.csv from step 12 (CLI: '' for motor-only XY)",
-                      "file"),
+                Input("registration_csv", "pairwise_registration.csv from step 12; empty: motor-only XY placement "
+                      "(the common canvas as it is) and z overlaps from the NCC search", "file", optional=True,
+                      empty="none: motor-only"),
                 Input("out_dir", "Output folder (14_stack) for <subject>.ome.zarr and the tables", "out_dir")),
         outputs=lambda result: [(result.path, "image")],
         summary=_stack_summary,

@@ -59,6 +59,14 @@ def _param_widget(info: ParamInfo):
     return widget
 
 
+def _show_placeholder(widget: FileEdit, text: str) -> None:
+    """Grey text in the empty line edit of an optional input, and a button that empties it again."""
+    line = widget.line_edit.native
+    if hasattr(line, "setPlaceholderText"):  # Qt backend
+        line.setPlaceholderText(text)
+        line.setClearButtonEnabled(True)
+
+
 def layer_path_points(layer) -> np.ndarray:
     """Ordered physical points ``(N, 3)`` (``data * scale + translate``) of a Points layer, or of the first
     path or line of a Shapes layer."""
@@ -96,8 +104,11 @@ class StepWidget(Container):
                 w = ComboBox(name=inp.name, label=label, choices=self._path_layer_choices)
             else:
                 mode = {"dir": "d", "out_dir": "d", "file": "r", "out_file": "w"}[inp.mode]
-                w = FileEdit(name=inp.name, label=label, mode=mode)
-            w.tooltip = inp.help
+                # nullable: an optional input left empty reads as None (not Path("."), the working folder).
+                w = FileEdit(name=inp.name, label=label, mode=mode, nullable=inp.optional)
+                if inp.optional:
+                    _show_placeholder(w, inp.placeholder)
+            w.tooltip = inp.help + ("\nOptional: may be left empty." if inp.optional else "")
             self.input_widgets[inp.name] = w
             if inp.mode == "dir" and napari_viewer is not None:
                 # Inputs can also come from a layer this plugin opened or produced (it knows its files).
@@ -185,10 +196,12 @@ class StepWidget(Container):
                     raise ValueError(f"choose the {label} layer ({inp.help})")
                 values.append(layer_path_points(value))
                 continue
-            path = Path(value)
-            if str(value) in ("", "."):
+            if value is None or str(value) in ("", "."):
+                if inp.optional:
+                    values.append("")  # the step function's "none"
+                    continue
                 raise ValueError(f"choose the {label} ({inp.help})")
-            values.append(path)
+            values.append(Path(value))
         return values
 
     def start(self, *_):

@@ -9,10 +9,12 @@ seconds), the warnings and errors with what to check, a table of slices (exclusi
 section per step with its tables, inline SVG plots (stage drift raw against cleaned with glitches marked,
 registration metrics per pair, z-overlaps, scores) and PNG previews (slice AIPs at a coarse pyramid level,
 orthogonal sections of the stacked volume), and the thresholds used. Steps that did not run are listed as
-"not run", which is not a problem.
+"not run", which is not a problem. Pairs aligned or verified by hand in the Slice alignment widget are the user's
+decision: the checks of the automatic registration list them as OK with a note and the summary counts them
+apart (see :mod:`.hand`).
 
-Modules: :mod:`.collect` (find and read), :mod:`.checks` (the thresholds), :mod:`.plots` (SVG),
-:mod:`.previews` (PNG), :mod:`.html` (rendering).
+Modules: :mod:`.collect` (find and read), :mod:`.checks` (the thresholds), :mod:`.hand` (pairs decided by hand),
+:mod:`.plots` (SVG), :mod:`.previews` (PNG), :mod:`.html` (rendering).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..params import param, validate_params
 from ..progress import Progress
 from .checks import CHECKS, LEVELS, Check, Finding, apply_overrides, evaluate, parse_overrides
 from .collect import SLICE_STEPS, STEP_SPECS, RunRecord, StepRecord, collect_run
+from .hand import hand_summary
 from .html import ReportContext, render_html, render_text
 from .previews import png_bytes, png_file_preview, slice_aip, volume_sections
 
@@ -73,6 +76,10 @@ class StepSummary:
     seconds : float or None
     folder : Path or None
     n_warnings, n_errors : int
+    n_by_hand : int
+        Failing values of the automatic registration's checks on rows decided by hand (OK, not counted above).
+    hand_counts : dict
+        Rows decided by hand (``{"set by hand": 2, "verified by hand": 1}``), see :mod:`.hand`.
     """
 
     key: str
@@ -85,6 +92,13 @@ class StepSummary:
     folder: Path | None = None
     n_warnings: int = 0
     n_errors: int = 0
+    n_by_hand: int = 0
+    hand_counts: dict = field(default_factory=dict)
+
+    @property
+    def by_hand_text(self) -> str:
+        """``"2 pairs set by hand, 1 pair verified by hand"`` (``""`` when none)."""
+        return hand_summary(self.hand_counts)
 
 
 @dataclass
@@ -101,6 +115,10 @@ class ReportResult:
     steps : list of StepSummary
         Every step of the pipeline, in order (``status == "not run"`` for those without outputs).
     findings : list of Finding
+        The warnings and errors.
+    by_hand : list of Finding
+        Failing values of the automatic registration's checks on pairs decided by hand: level ``"ok"``, with
+        their note (``"set by hand"``, ``"verified by hand"``).
     mosaic_dir : Path or None
     seconds : float
     skipped : bool
@@ -115,6 +133,7 @@ class ReportResult:
     mosaic_dir: Path | None = None
     seconds: float = 0.0
     skipped: bool = False
+    by_hand: list[Finding] = field(default_factory=list)
 
     @property
     def report_path(self) -> Path:
@@ -129,7 +148,7 @@ class ReportResult:
         raise KeyError(f"unknown step {key!r}; known: {', '.join(s.key for s in self.steps)}")
 
 
-def _summaries(run: RunRecord, findings: list[Finding]) -> list[StepSummary]:
+def _summaries(run: RunRecord, findings: list[Finding], by_hand: list[Finding]) -> list[StepSummary]:
     out = []
     for record in run.steps:
         mine = [f for f in findings if f.step == record.key]
@@ -144,7 +163,8 @@ def _summaries(run: RunRecord, findings: list[Finding]) -> list[StepSummary]:
                 worst = mine[0]
         out.append(StepSummary(record.key, record.spec.number, record.title, record.ran, status, worst,
                                record.seconds, record.folder, sum(f.level == "warning" for f in mine),
-                               sum(f.level == "error" for f in mine)))
+                               sum(f.level == "error" for f in mine),
+                               sum(f.step == record.key for f in by_hand), dict(record.hand_counts)))
     return out
 
 
@@ -250,14 +270,16 @@ def generate_report(out_dir, report_path=None, params: ReportParams | None = Non
     if not check_can_write(path, params.if_exists):
         return ReportResult(path, params.format, mosaic_dir=run.mosaic_dir, skipped=True,
                             seconds=time.perf_counter() - start)
-    findings = evaluate(run, checks)
-    summaries = _summaries(run, findings)
+    evaluated = evaluate(run, checks, include_by_hand=True)
+    findings = [f for f in evaluated if f.level != "ok"]
+    by_hand = [f for f in evaluated if f.level == "ok"]  # the user decided these pairs: listed, not counted
+    summaries = _summaries(run, findings, by_hand)
     overall = "ok"
     for s in summaries:
         if s.ran and LEVELS.index(s.status) > LEVELS.index(overall):
             overall = s.status
     ctx = ReportContext(findings, checks, CHECKS, changed, overall, time.strftime("%Y-%m-%d %H:%M:%S"),
-                        verbose=params.verbose)
+                        verbose=params.verbose, by_hand=by_hand)
     jobs = _preview_jobs(run, params)
     tracker.total += len(jobs)
     tracker.advance(1, "report: metrics read")
@@ -268,7 +290,7 @@ def generate_report(out_dir, report_path=None, params: ReportParams | None = Non
         Path(tmp).write_text(text, encoding="utf-8")
     tracker.advance(1, "report: written")
     return ReportResult(path, params.format, overall, summaries, findings, run.mosaic_dir,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, by_hand=by_hand)
 
 
 def run_report(out_dir, params: ReportParams | None = None, *, progress=None, cancel=None) -> ReportResult:

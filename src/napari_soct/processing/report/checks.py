@@ -10,6 +10,10 @@ Each :class:`Check` reads one metric of one table of one step (``slices``, ``til
 Rows without the metric are not checked (older or partial outputs), so a check never fails for lack of data.
 Thresholds can be overridden with a text such as ``"pair_ncc_after=0.6:0.4; tile_overlap_ncc=off;
 glitch=error"`` (see :func:`parse_overrides`), e.g. from ``ReportParams.thresholds``.
+
+Checks of the automatic registration (``by_hand=True``) do not count as problems on a row the user decided in the
+Slice alignment widget (a pair set or verified by hand, see :mod:`.hand`): :func:`evaluate` then gives an ``"ok"``
+finding with a note (``"set by hand"``) instead of a warning or an error.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _HINT_REHOMING = ("Re-homing kept: the stage moved to a new origin; for legacy s
                   "mosaic-expansion jumps are taken out")
 _HINT_EXCLUDED = ("Excluded slices are filled by interpolation when the gap is one slice, else left as gaps; set "
                   "use=true in slice_config.csv to keep a slice")
+_HINT_HAND = ("Decided by hand in the Slice alignment widget: the automatic metric is shown for reference, the "
+              "user's transform is used")
 _HINT_STITCH = ("Tiles matched poorly: check the overlap fraction, the illumination correction and the tile "
                 "previews; residuals above max_residual_px are clamped to the stage model")
 
@@ -72,6 +78,9 @@ class Check:
         Column whose text explains a flag (e.g. ``auto_exclude_reason``).
     hint : str
         What to do about it (shown next to the finding).
+    by_hand : bool
+        The check judges the automatic registration: on a row decided by hand (its ``_by_hand`` note, see
+        :mod:`.hand`) a failing value is listed as OK with that note, not as a problem.
     """
 
     id: str
@@ -86,6 +95,7 @@ class Check:
     unit: str = ""
     reason: str = ""
     hint: str = ""
+    by_hand: bool = False
 
     def describe(self) -> str:
         """The thresholds in words (``< 0.5 warning, < 0.3 error``)."""
@@ -152,38 +162,50 @@ CHECKS: tuple[Check, ...] = (
     Check("interpolation_failed", "interpolate", "slices", "interpolation_failed", "interpolation failed, gap left",
           "flag", reason="interpolation_fallback_reason",
           hint="A quality gate failed: the gap stays a gap (nothing fabricated)"),
-    # 12 registration
+    # 12 registration (pairs set or verified by hand pass these with a note, see .hand)
     Check("pair_ncc_after", "register", "pairs", "ncc_after", "NCC after registration", "low", 0.5, 0.3,
-          hint=_HINT_REGISTRATION),
+          hint=_HINT_REGISTRATION, by_hand=True),
     Check("pair_ncc_gain", "register", "pairs", "ncc_gain", "NCC gain of the registration", "low", -0.02, None,
-          hint="Registration made the match worse: it should have fallen back to identity"),
+          hint="Registration made the match worse: it should have fallen back to identity", by_hand=True),
     Check("pair_confidence", "register", "pairs", "confidence", "registration confidence", "low", 0.5, 0.2,
-          hint=_HINT_REGISTRATION),
+          hint=_HINT_REGISTRATION, by_hand=True),
     Check("pair_translation", "register", "pairs", "translation_px", "translation", "high", 10.0, 30.0, unit=" px",
-          hint=_HINT_DRIFT),
+          hint=_HINT_DRIFT, by_hand=True),
     Check("pair_rotation", "register", "pairs", "abs_rotation_deg", "rotation", "high", 2.0, 5.0, unit=" deg",
-          hint=_HINT_DRIFT),
+          hint=_HINT_DRIFT, by_hand=True),
     Check("pair_z_match", "register", "pairs", "z_deviation_planes", "z-match away from the expected plane",
-          "high", 2.0, 5.0, unit=" planes", hint=_HINT_Z),
-    Check("pair_z_ncc", "register", "pairs", "z_match_ncc", "z-match NCC", "low", 0.5, 0.3, hint=_HINT_Z),
+          "high", 2.0, 5.0, unit=" planes", hint=_HINT_Z, by_hand=True),
+    Check("pair_z_ncc", "register", "pairs", "z_match_ncc", "z-match NCC", "low", 0.5, 0.3, hint=_HINT_Z,
+          by_hand=True),
     Check("pair_fallback", "register", "pairs", "fallback", "fell back to identity", "flag",
-          hint=_HINT_REGISTRATION),
+          hint=_HINT_REGISTRATION, by_hand=True),
     Check("pair_failed", "register", "pairs", "failed", "registration failed", "flag", level="error",
-          hint=_HINT_REGISTRATION),
+          hint=_HINT_REGISTRATION, by_hand=True),
+    Check("hand_ncc_loss", "register", "pairs", "hand_ncc_loss", "overlap NCC lost by the hand-set transform "
+          "against the automatic one (same view)", "high", 0.1, None,
+          hint="The transform set by hand matches the overlap clearly worse than the automatic one did: look at "
+          "the pair again in the Slice alignment widget (a slipped nudge, the wrong z?); if it is right (the NCC "
+          "also weighs the tissue outline), mark it verified"),
     # 13 auto-exclusion
     Check("auto_excluded", "auto-exclude", "slices", "auto_excluded", "slice auto-excluded", "flag",
           reason="auto_exclude_reason", hint=_HINT_EXCLUDED),
     # 14 stacking
     Check("z_overlap", "stack", "zmatches", "_z_deviation_planes", "z-match away from the expected plane", "high",
-          2.0, 5.0, unit=" planes", hint=_HINT_Z),
-    Check("z_overlap_ncc", "stack", "zmatches", "_z_ncc", "z-overlap NCC", "low", 0.5, 0.3, hint=_HINT_Z),
+          2.0, 5.0, unit=" planes", hint=_HINT_Z, by_hand=True),
+    Check("z_overlap_ncc", "stack", "zmatches", "_z_ncc", "z-overlap NCC", "low", 0.5, 0.3, hint=_HINT_Z,
+          by_hand=True),
     Check("z_overlap_corrected", "stack", "zmatches", "_z_corrected", "z-match replaced as an outlier", "flag",
-          hint=_HINT_Z),
+          hint=_HINT_Z, by_hand=True),
     Check("z_overlap_spread", "stack", "step", "z_overlap_std_planes", "spread of the z-matches around the expected",
           "high", 2.0,
           5.0, unit=" planes", hint=_HINT_Z),
     Check("transform_skipped", "stack", "decisions", "_skipped_transform", "registration transform not applied",
-          "flag", reason="_reason", hint="Low registration confidence: the slice was placed by the stage only"),
+          "flag", reason="_reason", hint="Low registration confidence: the slice was placed by the stage only",
+          by_hand=True),
+    Check("hand_not_applied", "stack", "decisions", "_hand_not_applied", "transform set by hand not fully applied",
+          "flag", reason="_reason", hint="The volume does not show the transform set by hand: stacking changed it "
+          "(apply_rotation_only drops its translation, max_rotation_deg clamps its rotation; change those stack "
+          "parameters), or the pair was set or reset by hand after stacking; restack"),
     Check("drift_capped", "stack", "decisions", "_drift_capped", "accumulated drift capped", "flag",
           hint=_HINT_DRIFT),
     # 15 bias field, 16 atlas
@@ -214,6 +236,9 @@ class Finding:
     hint : str
     row : dict
         The checked row's identity (``slice_id``, ``fixed_id``/``moving_id``, tile ``x``/``y``).
+    note : str
+        Why a failing value is no problem (level ``"ok"``): ``"set by hand"``, ``"verified by hand"`` or ``"set
+        and verified by hand"`` (checks with ``by_hand``).
     """
 
     check: str
@@ -224,6 +249,12 @@ class Finding:
     value: float | None = None
     hint: str = ""
     row: dict | None = None
+    note: str = ""
+
+    @property
+    def by_hand(self) -> bool:
+        """A failing value on a row decided by hand (level ``"ok"``, see :attr:`note`)."""
+        return bool(self.note) and self.level == "ok"
 
 
 def worse(a: str, b: str) -> str:
@@ -338,7 +369,7 @@ def _level(check: Check, value) -> tuple[str, float | None]:
     return "ok", None
 
 
-def evaluate(run, checks: tuple[Check, ...] = CHECKS) -> list[Finding]:
+def evaluate(run, checks: tuple[Check, ...] = CHECKS, *, include_by_hand: bool = False) -> list[Finding]:
     """Every failing check of every step that ran, plus unreadable files and incomplete step folders.
 
     Parameters
@@ -347,6 +378,9 @@ def evaluate(run, checks: tuple[Check, ...] = CHECKS) -> list[Finding]:
         From :func:`~napari_soct.processing.report.collect.collect_run`.
     checks : tuple of Check
         The thresholds (:data:`CHECKS` with overrides applied).
+    include_by_hand : bool
+        Also return the failing values of ``by_hand`` checks on rows decided by hand, as findings of level
+        ``"ok"`` with their :attr:`Finding.note` (left out by default: they are no problems).
 
     Returns
     -------
@@ -375,6 +409,11 @@ def evaluate(run, checks: tuple[Check, ...] = CHECKS) -> list[Finding]:
                 level, threshold = _level(check, value)
                 if level == "ok":
                     continue
+                note = str(row.get("_by_hand") or "") if check.by_hand else ""
+                if note:
+                    if not include_by_hand:
+                        continue
+                    level = "ok"  # the user decided this pair; the automatic metric is kept for reference
                 subject = subject_of(check.table, row)
                 if check.kind == "flag":
                     text = check.label
@@ -384,8 +423,10 @@ def evaluate(run, checks: tuple[Check, ...] = CHECKS) -> list[Finding]:
                 reason = row.get(check.reason) if check.reason else None
                 if reason not in (None, "", False):
                     text += f" - {reason}"
+                if note:
+                    text += f" (OK: {note})"
                 message = f"{subject}: {text}" if subject else text
                 findings.append(Finding(check.id, record.key, level, subject, message,
-                                        None if check.kind == "flag" else float(value), check.hint,
-                                        row_identity(row)))
+                                        None if check.kind == "flag" else float(value),
+                                        _HINT_HAND if note else check.hint, row_identity(row), note))
     return findings

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..io.tables import read_shifts_xy, read_slice_config
 from ..stack.transforms import read_pairwise_registration
+from .hand import hand_note, mark_hand_decided
 
 __all__ = ["StepSpec", "STEP_SPECS", "SLICE_STEPS", "StepRecord", "RunRecord", "collect_run", "find_mosaic_dir",
            "read_csv_rows", "z_columns"]
@@ -106,6 +107,9 @@ class StepRecord:
         Remarks shown in the step's section; problems (unreadable files) count as errors.
     incomplete : bool
         A folder named after the step exists but holds none of its files.
+    hand_counts : dict
+        Rows decided by hand in the Slice alignment widget, by kind (``{"set by hand": 2, "verified by hand": 1}``
+        for the pairs of step 12, the slices placed by hand-set transforms for step 14; see :mod:`.hand`).
     """
 
     spec: StepSpec
@@ -120,6 +124,7 @@ class StepRecord:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     incomplete: bool = False
+    hand_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -535,7 +540,9 @@ def _read_interpolate(record: StepRecord) -> None:
 
 
 def _read_register(record: StepRecord) -> None:
-    _metrics_json(record)
+    data = _metrics_json(record)
+    if isinstance(data.get("slices"), dict):  # the slices registered (common space and filled slots)
+        record.files["registered_slices"] = {int(k): Path(v) for k, v in data["slices"].items()}
     path = record.folder / "pairwise_registration.csv"
     record.files["table"] = path
     rows = []
@@ -543,6 +550,7 @@ def _read_register(record: StepRecord) -> None:
         row = {name: getattr(p, name) for name in (
             "fixed_id", "moving_id", "z_match_plane", "expected_z_plane", "z_match_ncc", "ncc_before", "ncc_after",
             "tx_px", "ty_px", "rotation_deg", "confidence", "status", "manual", "verified")}
+        row["_by_hand"] = hand_note(p.manual, p.verified)
         row["translation_px"] = math.hypot(p.tx_px, p.ty_px)
         row["abs_rotation_deg"] = abs(p.rotation_deg)
         row["z_deviation_planes"] = abs(p.z_match_plane - p.expected_z_plane)
@@ -589,27 +597,29 @@ def z_columns(rows: list[dict]) -> tuple[str, str] | tuple[None, None]:
 
 
 def _read_stack(record: StepRecord) -> None:
-    _metrics_json(record)
+    data = _metrics_json(record)
+    if "registration_csv" in data:  # "" = motor-only: no registration (and no hand-set transform) was used
+        record.raw["registration_csv"] = str(data["registration_csv"] or "")
     zpath, dpath = record.folder / "z_matches.csv", record.folder / "stacking_decisions.csv"
     if zpath.is_file():
         record.files["z_matches"] = zpath
         rows = read_csv_rows(zpath)
         value_col, expected_col = z_columns(rows)
-        values = []
         for r in rows:
             if value_col is not None:
                 value, expected = _num(r.get(value_col)), _num(r.get(expected_col))
                 if value is not None and expected is not None:
                     r["_z_deviation_planes"] = abs(value - expected)
-                    values.append(value - expected)
+                    r["_z_signed_deviation"] = value - expected
             ncc = _num(_first(r, Z_NCC_COLUMNS))
             if ncc is not None:
                 r["_z_ncc"] = ncc
             corrected = _first(r, Z_CORRECTED_COLUMNS)
             r["_z_corrected"] = bool(corrected) if isinstance(corrected, bool | int | float) else False
+            if r["_z_corrected"] and str(r.get("action") or "") == "kept_high_confidence":
+                r["_z_corrected"] = False  # an outlier that step 14 kept (high confidence) was not replaced
         record.tables["zmatches"] = rows
-        if len(values) > 1:
-            record.tables["step"] = [{"z_overlap_std_planes": float(np.std(values))}]
+        z_spread(record)
     if dpath.is_file():
         record.files["decisions"] = dpath
         rows = read_csv_rows(dpath)
@@ -625,6 +635,20 @@ def _read_stack(record: StepRecord) -> None:
         record.files["volume"] = volumes[0]
         if len(volumes) > 1:
             record.notes.append(f"several volumes in {record.folder.name}: previewing {volumes[0].name}")
+
+
+def z_spread(record: StepRecord) -> None:
+    """The step row of step 14: spread (std) of the z-matches around the expected plane, over the pairs whose
+    z-match was not decided by hand (their ``_by_hand`` note; see :mod:`.hand`)."""
+    values = [r["_z_signed_deviation"] for r in record.tables.get("zmatches", [])
+              if "_z_signed_deviation" in r and not r.get("_by_hand")]
+    left_out = sum(1 for r in record.tables.get("zmatches", []) if "_z_signed_deviation" in r and r.get("_by_hand"))
+    record.tables.pop("step", None)
+    if len(values) > 1:
+        row = {"z_overlap_std_planes": float(np.std(values))}
+        if left_out:
+            row["pairs_decided_by_hand_left_out"] = left_out
+        record.tables["step"] = [row]
 
 
 def _read_bias(record: StepRecord) -> None:
@@ -788,5 +812,6 @@ def collect_run(out_dir: str | os.PathLike, mosaic_dir: str | os.PathLike | None
     ordered = [records[spec.key] for spec in STEP_SPECS]
     _mark_missing_slices(ordered)
     _mark_estimated_positions(records)
+    mark_hand_decided(records)
     return RunRecord(out_dir, mosaic, ordered, run_notes)
 

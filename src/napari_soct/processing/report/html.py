@@ -10,6 +10,7 @@ from html import escape
 
 from .checks import LEVELS, Check, Finding, row_identity
 from .collect import RunRecord, StepRecord, z_columns
+from .hand import hand_summary
 from .plots import Series, line_plot
 from .previews import data_uri
 
@@ -50,6 +51,7 @@ class ReportContext:
     overall: str
     generated: str
     verbose: bool = False
+    by_hand: list = field(default_factory=list)  # OK findings on pairs decided by hand (see .hand)
     slice_aips: dict = field(default_factory=dict)  # {step: [(slice_id, png bytes)]}
     volume_views: dict = field(default_factory=dict)  # {step: {view: png bytes}}
     volume_info: dict = field(default_factory=dict)  # {step: text}
@@ -355,8 +357,17 @@ def _body(record: StepRecord, ctx) -> list[str]:
                 ("expected_z_plane", "expected z"), ("z_match_ncc", "z NCC"), ("ncc_before", "NCC before"),
                 ("ncc_after", "NCC after"), ("tx_px", "tx px"), ("ty_px", "ty px"), ("rotation_deg", "rotation deg"),
                 ("confidence", "confidence"), ("status", "status"), ("manual", "set by hand"), ("verified", "verified")]
+        # Hand-set pairs: both transforms measured again on the widget's overlap view (see .hand).
+        cols += _present(pairs, [("auto_status", "automatic status"), ("auto_confidence", "automatic confidence"),
+                                 ("auto_view_ncc", "automatic NCC (overlap view)"),
+                                 ("hand_view_ncc", "hand-set NCC (overlap view)")])
         parts += ["<h3>Per pair</h3>", _table(pairs, cols, ctx.status, key), _pair_plots(pairs, ctx.checks,
                                                                                           ctx.status)]
+        if record.hand_counts:
+            parts.append(f'<p class="note">Decided by hand in the Slice alignment widget: '
+                         f'{escape(hand_summary(record.hand_counts))}. Their automatic metrics are listed as OK; '
+                         "the NCC columns compare the hand-set and the automatic transform on the widget's overlap "
+                         "view.</p>")
     elif key == "auto-exclude":
         if rows:
             excluded = [r for r in rows if r.get("auto_excluded") or not r.get("use", True)]
@@ -431,7 +442,7 @@ def _step_section(record: StepRecord, summary, ctx) -> str:
     parts = [head]
     for note in record.notes:
         parts.append(f'<p class="note">{escape(note)}</p>')
-    mine = [f for f in ctx.findings if f.step == record.key]
+    mine = [f for f in ctx.findings + ctx.by_hand if f.step == record.key]
     if mine:
         parts.append("<h3>Findings</h3><ul>")
         for f in mine:
@@ -528,8 +539,10 @@ def render_html(run: RunRecord, summaries: list, ctx, title: str = "S-OCT recons
     parts.append("".join(nav))
 
     counts = {level: sum(1 for s in summaries if s.status == level) for level in (*LEVELS, "not run")}
+    hand = _hand_text(summaries)
     parts.append('<h2 id="summary">Summary</h2><p>' + ", ".join(f"{n} {STATUS_LABEL[k]}" for k, n in counts.items())
-                 + " step(s)</p>")
+                 + " step(s)" + (f'</p><p data-by-hand="{sum(s.n_by_hand for s in summaries)}">Decided by hand: '
+                                 f"{escape(hand)}" if hand else "") + "</p>")
     head = "<tr><th>#</th><th>step</th><th>ran</th><th>status</th><th>worst check</th><th>seconds</th></tr>"
     body = []
     for s in summaries:
@@ -537,21 +550,24 @@ def render_html(run: RunRecord, summaries: list, ctx, title: str = "S-OCT recons
         link = f'<a href="#step-{s.key}">{escape(s.title)}</a>' if s.ran else escape(s.title)
         body.append(f'<tr class="row-{cls}" data-step="{s.key}" data-status="{escape(s.status)}"><td>{s.number}</td>'
                     f"<td>{link}</td><td>{'yes' if s.ran else 'no'}</td><td>{_badge(s.status)}</td>"
-                    f"<td>{escape(s.worst.message) if s.worst else ''}</td>"
+                    f"<td>{escape(_worst_text(s))}</td>"
                     f'<td class="num">{"" if s.seconds is None else f"{s.seconds:.1f}"}</td></tr>')
     parts.append(f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
 
     parts.append('<h2 id="findings">Warnings and errors</h2>')
-    if ctx.findings:
+    if not ctx.findings:
+        parts.append("<p>None: every check passed" + (" (values decided by hand listed as OK below)" if ctx.by_hand
+                                                       else "") + ".</p>")
+    if ctx.findings or ctx.by_hand:
         rows = []
-        for f in sorted(ctx.findings, key=lambda f: -LEVELS.index(f.level)):
-            rows.append(f'<tr class="row-{f.level}" data-check="{escape(f.check)}" data-step="{escape(f.step)}">'
+        # Problems first, worst first; then the values decided by hand (OK, with their note).
+        for f in sorted(ctx.findings, key=lambda f: -LEVELS.index(f.level)) + ctx.by_hand:
+            rows.append(f'<tr class="row-{f.level}" data-check="{escape(f.check)}" data-step="{escape(f.step)}" '
+                        f'data-level="{escape(f.level)}" data-note="{escape(f.note)}">'
                         f"<td>{_badge(f.level)}</td><td>{escape(f.step)}</td><td>{escape(f.message)}</td>"
                         f'<td class="hint">{escape(f.hint)}</td></tr>')
         parts.append("<table><thead><tr><th>level</th><th>step</th><th>what</th><th>what to check</th></tr></thead>"
                      f"<tbody>{''.join(rows)}</tbody></table>")
-    else:
-        parts.append("<p>None: every check passed.</p>")
     parts.append(_slices_overview(run, ctx))
     by_key = {s.key: s for s in summaries}
     for record in run.steps:
@@ -565,6 +581,20 @@ def render_html(run: RunRecord, summaries: list, ctx, title: str = "S-OCT recons
     return "\n".join(p for p in parts if p)
 
 
+def _hand_text(summaries: list) -> str:
+    """``"register: 2 pairs set by hand; stack: 2 slice(s) placed by a hand-set transform"``."""
+    return "; ".join(f"{s.key}: {s.by_hand_text}" for s in summaries if s.ran and s.by_hand_text)
+
+
+def _worst_text(summary) -> str:
+    """The summary table's last column: the worst finding, and what the user decided by hand."""
+    parts = [summary.worst.message] if summary.worst else []
+    if summary.ran and summary.by_hand_text:
+        parts.append(summary.by_hand_text + (f" ({summary.n_by_hand} automatic check(s) OK by hand)"
+                                        if summary.n_by_hand else ""))
+    return "; ".join(parts)
+
+
 def render_text(run: RunRecord, summaries: list, ctx) -> str:
     """The summary and the findings as plain text (for logs and terminals)."""
     lines = ["S-OCT reconstruction report", f"reconstruction folder: {run.out_dir.resolve()}",
@@ -575,7 +605,10 @@ def render_text(run: RunRecord, summaries: list, ctx) -> str:
     for s in summaries:
         seconds = "" if s.seconds is None else f"{s.seconds:.1f}"
         lines.append(f"{s.number:>3}  {s.title:<{width}}{STATUS_LABEL[s.status]:<10}{seconds:>8}  "
-                     f"{s.worst.message if s.worst else ''}")
+                     f"{_worst_text(s)}")
+    hand = _hand_text(summaries)
+    if hand:
+        lines.append(f"Decided by hand: {hand}")
     lines += ["", "Warnings and errors"]
     if not ctx.findings:
         lines.append("  none: every check passed")
@@ -583,5 +616,8 @@ def render_text(run: RunRecord, summaries: list, ctx) -> str:
         lines.append(f"  [{f.level}] {f.step}: {f.message}")
         if f.hint:
             lines.append(f"      hint: {f.hint}")
+    if ctx.by_hand:
+        lines += ["", "Decided by hand (OK)"]
+        lines += [f"  [OK] {f.step}: {f.message}" for f in ctx.by_hand]
     lines.append("")
     return "\n".join(lines)
