@@ -62,9 +62,31 @@ def bench_speed(repeats: int, threads: int) -> list[dict]:
     big = rescale(shepp_logan_phantom(), 512 / 400, order=1)  # 512 x 512, zero outside the circle
     theta = np.linspace(0.0, 180.0, 512, endpoint=False)
     sino = sk_radon(big, theta)
+    from napari_soct.processing._jit import warm_up
+
+    def numpy_path(function):  # our numpy code, the numba kernels turned off
+        def run():
+            before = os.environ.get("NAPARI_SOCT_JIT")
+            os.environ["NAPARI_SOCT_JIT"] = "0"
+            try:
+                return function()
+            finally:
+                if before is None:
+                    os.environ.pop("NAPARI_SOCT_JIT")
+                else:
+                    os.environ["NAPARI_SOCT_JIT"] = before
+        return run
+
+    kernels = warm_up()  # compile or load the numba kernels before any timing
+    fbp = "FBP (ramp), 512 x 512, 512 angles"
     cases = [
-        ("FBP (ramp), 512 x 512, 512 angles", lambda: sk_iradon(sino, theta), lambda: iradon(sino, theta, threads=threads),
-         lambda r: _rmse(r, big)),
+        (fbp + (", numba kernel" if kernels else ""), lambda: sk_iradon(sino, theta),
+         lambda: iradon(sino, theta, threads=threads), lambda r: _rmse(r, big)),
+    ]
+    if kernels:
+        cases.append((fbp + ", numpy path", lambda: sk_iradon(sino, theta),
+                      numpy_path(lambda: iradon(sino, theta, threads=threads)), lambda r: _rmse(r, big)))
+    cases += [
         ("radon, 512 x 512, 512 angles", lambda: sk_radon(big, theta), lambda: radon(big, theta, threads=threads),
          None),
     ]

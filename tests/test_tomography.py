@@ -83,7 +83,7 @@ def test_radon_matches_scikit_image_and_reconstructs_as_well(phantom):
     assert rmse(iradon(ours, theta), image) <= 0.0343
 
 
-def test_sart_two_iterations_no_worse_than_scikit_image(phantom):
+def test_sart_two_iterations_no_worse_than_scikit_image(kernels, phantom):
     image, theta, sino = phantom
     ref = sk_iradon_sart(sino, theta)
     ref = sk_iradon_sart(sino, theta, image=ref.copy())
@@ -221,7 +221,7 @@ def test_golden_ratio_order_is_scikit_images():
         assert golden_ratio_order(theta) == list(order_angles_golden_ratio(theta))
 
 
-def test_sart_options_follow_scikit_image():
+def test_sart_options_follow_scikit_image(kernels):
     image = shepp_logan_phantom()[::4, ::4]
     theta = np.linspace(0, 180, 60, endpoint=False)
     sino = sk_radon(image, theta)
