@@ -157,6 +157,11 @@ def test_reconstruct_chain_runs_every_step_in_order(tiny_acquisition, tmp_path):
     assert calls[-1][0] == calls[-1][1]
     levels = [slice_reference_level(sample_pixels(open_ome_zarr(p).levels[0])) for p in result.paths]
     assert np.ptp(levels) / np.mean(levels) < 0.01
+    # Each output names its own step and input (not the stitched slice's, whose attributes it carries on).
+    for step, previous in zip(result.steps[3:], result.steps[2:]):
+        sid = acq.slice_ids[0]
+        soct = open_ome_zarr(step.outputs[sid]).attributes["soct"]
+        assert soct["step"] == step.step and soct["source"] == str(previous.outputs[sid])
     stitched = open_ome_zarr(result.steps[2].outputs[acq.slice_ids[0]]).levels[0]
     ny, nx = acq.grid_shape
     assert stitched.shape[1] < ny * acq.tile_shape[1] and stitched.shape[2] < nx * acq.tile_shape[2]  # overlap removed

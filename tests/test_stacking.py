@@ -326,10 +326,10 @@ def test_blend_refinement_recovers_a_subpixel_offset(acq, truth, tmp_path):
 # --- the pyramid ----------------------------------------------------------------------------------------------------
 
 
-def block_means(volume, factor):
+def block_means(volume, factor, skip_zeros=False):
     """Reference: the mean of the base voxels each coarse voxel covers, for factors that are multiples of 1/2
     (2.5 included): upsample by 2 by repetition (exact), then plain block means of 2*factor voxels; a trailing
-    partial block averages the voxels it has."""
+    partial block averages the voxels it has (``skip_zeros``: the voxels with data, 0 where there are none)."""
     k = round(2 * factor)
     up = volume.astype(np.float64)
     for axis in range(3):
@@ -338,7 +338,11 @@ def block_means(volume, factor):
     sums = np.zeros([o * k for o in out])
     counts = np.zeros_like(sums)
     sums[: up.shape[0], : up.shape[1], : up.shape[2]] = up
-    counts[: up.shape[0], : up.shape[1], : up.shape[2]] = 1
+    counts[: up.shape[0], : up.shape[1], : up.shape[2]] = (up != 0) if skip_zeros else 1
+    if skip_zeros:
+        shape = (out[0], k, out[1], k, out[2], k)
+        n = counts.reshape(shape).sum(axis=(1, 3, 5))
+        return np.where(n > 0, sums.reshape(shape).sum(axis=(1, 3, 5)) / np.maximum(n, 1), 0.0)
     shape = (out[0], k, out[1], k, out[2], k)
     return sums.reshape(shape).sum(axis=(1, 3, 5)) / counts.reshape(shape).sum(axis=(1, 3, 5))
 
@@ -349,8 +353,9 @@ def test_pyramid_levels_are_means_of_the_base_voxels(registered_stack):
     scales_um = [tuple(round(s * 1000, 6) for s in sc) for sc in image.scales_mm]
     assert scales_um == [(v,) * 3 for v in (10.0, 20.0, 25.0, 50.0, 100.0)]  # base, 2x, then 25/50/100 um
     base = image.levels[0][...]
+    assert (base == 0).any() and (base != 0).any()  # a canvas with and without data: 0 = no data
     for level, scale in zip(image.levels[1:], scales_um[1:]):
-        expected = block_means(base, scale[0] / VOXEL_UM)
+        expected = block_means(base, scale[0] / VOXEL_UM, skip_zeros=True)
         assert level.shape == expected.shape
         np.testing.assert_allclose(level[...], expected, rtol=1e-5, atol=1e-6)
 
@@ -368,6 +373,27 @@ def test_pyramid_writer_streams_irregular_blocks(tmp_path):
     np.testing.assert_array_equal(image.levels[0][...], volume)
     for level, voxel in zip(image.levels[1:], voxels[1:]):
         np.testing.assert_allclose(level[...], block_means(volume, voxel[0] / 10.0), rtol=1e-5, atol=1e-6)
+    # With skip_zeros (0 = no data), coarse voxels are means over the voxels with data: an edge voxel half on
+    # data reads the data's value, not half of it.
+    volume[:, :, :11] = 0
+    volume[5:9] = 0
+    writer = create_ome_zarr_pyramid3d(tmp_path / "z.ome.zarr", volume.shape, voxels, chunks=(4, 16, 16), threads=2,
+                                       skip_zeros=True)
+    for z0, z1 in ((0, 6), (6, 37)):
+        writer.append(volume[z0:z1])
+    writer.close()
+    image = open_ome_zarr(tmp_path / "z.ome.zarr")
+    for level, voxel in zip(image.levels[1:], voxels[1:]):
+        np.testing.assert_allclose(level[...], block_means(volume, voxel[0] / 10.0, skip_zeros=True), rtol=1e-5,
+                                   atol=1e-6)
+    constant = np.where(volume != 0, 3.0, 0.0).astype(np.float32)
+    writer = create_ome_zarr_pyramid3d(tmp_path / "c.ome.zarr", volume.shape, voxels, chunks=(4, 16, 16),
+                                       skip_zeros=True)
+    writer.append(constant)
+    writer.close()
+    for level in open_ome_zarr(tmp_path / "c.ome.zarr").levels[1:]:
+        values = np.asarray(level)
+        assert np.allclose(values[values != 0], 3.0, rtol=1e-6)  # no blend with the empty canvas at its edges
     # Anisotropic base: the analysis levels are isotropic, power-of-two levels that would break the order go.
     assert pyramid_voxel_sizes((3.5, 10.0, 10.0), (200, 400, 400), [10, 25]) == [
         (3.5, 10.0, 10.0), (10.0, 10.0, 10.0), (25.0, 25.0, 25.0)]

@@ -41,13 +41,16 @@ def iter_blocks(shape, side: int, halo: int = 0) -> Iterator[tuple[tuple[slice, 
             yield core, padded
 
 
-def create_slice_like(path: Path, source: OmeZarrImage, depth: int | None = None, extra: dict | None = None,
-                      compression: str = "blosc-lz4") -> PyramidWriter:
-    """A multiscale slice with the lateral geometry of ``source`` (``depth`` samples, default the same)."""
+def create_slice_like(path: Path, source: OmeZarrImage, step: str, depth: int | None = None,
+                      extra: dict | None = None, compression: str = "blosc-lz4") -> PyramidWriter:
+    """A multiscale slice with the lateral geometry of ``source`` (``depth`` samples, default the same); its
+    ``soct`` attributes are the source's (placement, ids) with ``step`` and ``source`` naming this output's
+    step and input, plus ``extra``."""
     shape = source.levels[0].shape
     shape = (depth or shape[0], *shape[1:])
     chunks = (shape[0], *(min(256, s) for s in shape[1:]))
-    attrs = {"soct": {**source.attributes.get("soct", {}), **(extra or {})}}
+    attrs = {"soct": {**source.attributes.get("soct", {}), "step": step, "source": str(source.path),
+                      **(extra or {})}}
     return create_ome_zarr_pyramid(path, shape, source.scales_mm[0], chunks=chunks, compression=compression,
                                    name=Path(path).name.split(".")[0], attributes=attrs)
 

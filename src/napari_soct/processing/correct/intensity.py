@@ -70,7 +70,7 @@ def _beam_slice(params: BeamProfileParams):
         below = np.arange(envelope.size) >= surface
         gain[below] = reference / np.maximum(envelope[below], reference / params.max_gain)
         gain = np.clip(gain, 1.0 / params.max_gain, params.max_gain).astype(np.float32)
-        writer = create_slice_like(out_tmp, image, extra={"beam_gain": gain.tolist()})
+        writer = create_slice_like(out_tmp, image, "beam", extra={"beam_gain": gain.tolist()})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
         for core, _ in iter_blocks(data.shape, side):
             block = np.asarray(data[(slice(None), *core)], np.float32)
@@ -153,7 +153,7 @@ def normalize_slices(source, out_dir, params: NormalizeParams | None = None, *, 
         sid = next(s for s, p in files.items() if p == in_path)
         factor = scale[sid]
         floor = params.agarose_floor * target
-        writer = create_slice_like(out_tmp, image, extra={"normalize_scale": factor})
+        writer = create_slice_like(out_tmp, image, "normalize", extra={"normalize_scale": factor})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
         for core, _ in iter_blocks(data.shape, side):
             block = np.asarray(data[(slice(None), *core)], np.float32) * np.float32(factor)

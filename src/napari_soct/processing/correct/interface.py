@@ -191,7 +191,7 @@ def _crop_slice(params: InterfaceCropParams):
             start = np.floor(surface).astype(np.int64)
         else:
             start = np.full(depth.shape, int(np.floor(slice_depth)), np.int64)
-        writer = create_slice_like(out_tmp, image, depth=keep, extra={"interface_mode": params.mode})
+        writer = create_slice_like(out_tmp, image, "crop", depth=keep, extra={"interface_mode": params.mode})
         for core, _ in blocks:
             block = np.asarray(data[(slice(None), *core)], np.float32)
             writer.write((slice(None), *core), shift_alines(block, start[core], keep))

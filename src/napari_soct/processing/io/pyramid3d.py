@@ -6,7 +6,9 @@ from 10 um is ``f = 2.5``), voxel ``j`` of level ``l`` covers the interval ``[j 
 voxels along each axis, and its value is the mean of level 0 over that box, each level-0 voxel weighted by the
 fraction of it inside the box. The last voxel along an axis covers what is left of the volume
 (``[j f, n)``), so it is the mean of the voxels it covers. Every level is computed from level 0 directly (no
-error builds up from level to level).
+error builds up from level to level). With ``skip_zeros`` (volumes where 0 means "no data", like a stacked
+brain's canvas), the mean is over the voxels with data only (weighted the same way): a coarse voxel at the
+edge of the data reads the data's value, not a blend with the empty canvas.
 
 Streaming: the caller appends level-0 planes in z order (:meth:`Pyramid3DWriter.append`); each plane is
 reduced in x then y for every level (a factor ``f = a / b`` in lowest terms is applied period by period, ``a``
@@ -187,8 +189,9 @@ class _AxisReducer:
 class _Level:
     """Bookkeeping of one coarse level: box sums in y/x, pending z planes, planes waiting for a whole chunk row."""
 
-    def __init__(self, array, factors, shape0):
+    def __init__(self, array, factors, shape0, skip_zeros: bool = False):
         self.array = array
+        self.skip_zeros = skip_zeros
         self.factors = factors
         self.fz = float(factors[0])
         self.nz0 = shape0[0]
@@ -204,8 +207,12 @@ class _Level:
         self.ready_start = 0  # output plane of row[0]
 
     def reduce_yx(self, plane: np.ndarray) -> np.ndarray:
-        """Box means in y and x of one level-0 plane (float32)."""
+        """Box means in y and x of one level-0 plane (float32); with ``skip_zeros``, the box sums of the plane
+        and of its data mask, stacked ``(2, y, x)`` (their ratio, after z, is the mean over data)."""
         sums = self.y.sums(self.x.sums(plane, axis=1), axis=0)
+        if self.skip_zeros:
+            covered = self.y.sums(self.x.sums((plane != 0).astype(np.float32), axis=1), axis=0)
+            return np.stack([sums, covered])
         sums /= self.area
         return sums
 
@@ -235,8 +242,15 @@ class _Level:
                 break
             acc = self.pending.pop(j)
             if self.row is None:
-                self.row = np.empty((self.chunk_z, *acc.shape), np.float32)
-            np.divide(acc, end - j * f, out=self.row[self.n_ready], casting="same_kind")
+                self.row = np.empty((self.chunk_z, *acc.shape[-2:]), np.float32)
+            if self.skip_zeros:
+                values, covered = acc
+                # A box whose data covers less than a millionth of a level-0 voxel counts as empty.
+                with np.errstate(invalid="ignore", divide="ignore"):  # buffered casting divides masked ones too
+                    np.divide(values, covered, out=self.row[self.n_ready], where=covered > 1e-6, casting="same_kind")
+                self.row[self.n_ready][covered <= 1e-6] = 0
+            else:
+                np.divide(acc, end - j * f, out=self.row[self.n_ready], casting="same_kind")
             self.free.append(acc)
             self.n_ready += 1
             if self.n_ready == self.chunk_z:
@@ -265,14 +279,17 @@ class Pyramid3DWriter:
         Per level, its voxel size over level 0's along ``(z, y, x)``.
     threads : int
         Threads reducing planes in y/x (numpy releases the GIL).
+    skip_zeros : bool
+        0 means "no data": coarse voxels are means over the voxels with data only.
     """
 
-    def __init__(self, arrays, factors, threads: int = 1):
+    def __init__(self, arrays, factors, threads: int = 1, skip_zeros: bool = False):
         self.arrays = arrays
         self.factors = [tuple(float(f) for f in fs) for fs in factors]
         self.shape = tuple(arrays[0].shape)
         self.threads = max(1, int(threads))
-        self.levels = [_Level(a, f, self.shape) for a, f in zip(arrays[1:], self.factors[1:])]
+        self.skip_zeros = bool(skip_zeros)
+        self.levels = [_Level(a, f, self.shape, self.skip_zeros) for a, f in zip(arrays[1:], self.factors[1:])]
         self._z = 0  # next level-0 plane expected
         self._buffer: list[np.ndarray] = []  # level-0 planes waiting for a whole chunk row
         self._buffer_start = 0
@@ -283,27 +300,33 @@ class Pyramid3DWriter:
         return len(self.arrays)
 
     @staticmethod
-    def persistent_bytes(plane_shape, factors, chunk_z: list[int]) -> int:
+    def persistent_bytes(plane_shape, factors, chunk_z: list[int], skip_zeros: bool = False) -> int:
         """Bytes the writer keeps between appends: per coarse level two pending float64 planes, two to reuse and a
-        scratch one, and one z-row of chunks of finished planes (float32)."""
+        scratch one (two of each with ``skip_zeros``: values and data mask), and one z-row of chunks of
+        finished planes (float32)."""
         ny, nx = plane_shape
         total = 0
+        planes = 2 if skip_zeros else 1
         for cz, (_, fy, fx) in zip(chunk_z[1:], factors[1:]):
             level_plane = math.ceil(ny / fy) * math.ceil(nx / fx)
-            total += 4 * 8 * level_plane + 4 * cz * level_plane
+            total += planes * 4 * 8 * level_plane + 4 * cz * level_plane
         return int(total)
 
     @staticmethod
-    def append_bytes(plane_shape, factors, threads: int, block_planes: int) -> int:
+    def append_bytes(plane_shape, factors, threads: int, block_planes: int, skip_zeros: bool = False) -> int:
         """Bytes an :meth:`append` of ``block_planes`` planes adds while it runs (besides the block): per thread
         a level's x sums, its matrix-product temporary and its y sums (float32; a float64 cumulative sum of the
-        plane for a factor that is no small fraction); the reduced planes of the block (float32)."""
+        plane for a factor that is no small fraction; with ``skip_zeros`` the plane's data mask too); the
+        reduced planes of the block (float32; twice with ``skip_zeros``)."""
         ny, nx = plane_shape
         widths = [math.ceil(nx / fx) for _, _, fx in factors[1:]]
         per_thread = 4 * 3 * ny * max(widths, default=0)
         if any(_AxisReducer(2, f).period is None for _, fy, fx in factors[1:] for f in (fy, fx)):
             per_thread += 8 * 3 * (ny + 1) * (nx + 1)
         reduced = sum(4 * math.ceil(ny / fy) * math.ceil(nx / fx) for _, fy, fx in factors[1:])
+        if skip_zeros:
+            per_thread += 4 * ny * nx
+            reduced *= 2
         return int(threads * per_thread + block_planes * reduced)
 
     def _reduce(self, plane: np.ndarray) -> list[np.ndarray]:
@@ -378,6 +401,7 @@ def create_ome_zarr_pyramid3d(
     name: str | None = None,
     attributes: dict | None = None,
     threads: int = 1,
+    skip_zeros: bool = False,
 ) -> Pyramid3DWriter:
     """Create a multiscale NGFF 0.5 ``(z, y, x)`` image with one level per voxel size and return its writer.
 
@@ -392,6 +416,8 @@ def create_ome_zarr_pyramid3d(
         Chunk shape (clipped to each level's shape).
     threads : int
         Threads used by the writer to reduce planes.
+    skip_zeros : bool
+        0 means "no data": coarse voxels are means over the voxels with data (see the module docstring).
     """
     path = Path(path)
     base = voxel_sizes_um[0]
@@ -414,4 +440,4 @@ def create_ome_zarr_pyramid3d(
         )
         for k, s in enumerate(shapes)
     ]
-    return Pyramid3DWriter(arrays, factors, threads=threads)
+    return Pyramid3DWriter(arrays, factors, threads=threads, skip_zeros=skip_zeros)

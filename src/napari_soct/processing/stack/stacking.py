@@ -796,12 +796,14 @@ def _slab_plan(out_plane, src_area, covering, writer_factors, workers, budget, n
     for chunk_z, side in candidates:
         chunk_z = min(chunk_z, n_z)
         out_chunk = 4 * chunk_z * min(side, ny) * min(side, nx)
-        held = Pyramid3DWriter.persistent_bytes(out_plane, writer_factors, [chunk_z] * len(writer_factors))
+        held = Pyramid3DWriter.persistent_bytes(out_plane, writer_factors, [chunk_z] * len(writer_factors),
+                                                skip_zeros=True)
         # bytes = fixed + per_plane * slab, for the two phases
         read_fixed = workers * BLEND_PLANES_PER_THREAD * 4 * plane + 2 * concurrency * in_chunk_bytes
         read_per_plane = 4 * plane + 4 * covering * src_area
-        write_fixed = Pyramid3DWriter.append_bytes(out_plane, writer_factors, workers, 0) + 2 * concurrency * out_chunk
-        write_per_plane = 4 * plane + Pyramid3DWriter.append_bytes(out_plane, writer_factors, 0, 1)
+        write_fixed = (Pyramid3DWriter.append_bytes(out_plane, writer_factors, workers, 0, skip_zeros=True)
+                       + 2 * concurrency * out_chunk)
+        write_per_plane = 4 * plane + Pyramid3DWriter.append_bytes(out_plane, writer_factors, 0, 1, skip_zeros=True)
 
         def need(slab):
             return held + max(read_fixed + read_per_plane * slab, write_fixed + write_per_plane * slab)
@@ -1009,7 +1011,7 @@ def stack_slices(common_dir, registration_csv, out_dir, params: StackParams | No
     with atomic_output(out_path, params.if_exists) as tmp:
         writer = create_ome_zarr_pyramid3d(tmp, shape, level_voxels, chunks=chunks,
                                            compression=params.compression, name=subject, attributes=attributes,
-                                           threads=workers)
+                                           threads=workers, skip_zeros=True)  # 0 = canvas without data
         slab_buffer = np.empty((min(slab, n_z), *out_plane), np.float32)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soct-stack") as pool:
             for z_lo, z_hi in slabs:

@@ -9,8 +9,15 @@ See :mod:`.acquisition` for the physical model and the frames of reference.
 """
 
 from .acquisition import SyntheticAcquisition, make_acquisition, tile_folder_name
+from .evaluate import (LevelFigures, TruthFrame, TruthOnVolumeGrid, level_against_truth, level_ncc,
+                       ncc_over_tissue, placement_drift_px, slice_placement_errors, tissue_mask,
+                       volume_in_truth_frame, z_overlap_errors)
 from .phantom import Phantom
 from .presets import DEFAULT_STAGE_AFFINE, PRESETS, SyntheticConfig
 
 __all__ = ["PRESETS", "DEFAULT_STAGE_AFFINE", "Phantom", "SyntheticAcquisition", "SyntheticConfig",
-           "make_acquisition", "tile_folder_name"]
+           "make_acquisition", "tile_folder_name",
+           # comparing a reconstructed volume with the truth (evaluate.py)
+           "LevelFigures", "TruthFrame", "TruthOnVolumeGrid", "level_against_truth", "level_ncc", "ncc_over_tissue",
+           "placement_drift_px", "slice_placement_errors", "tissue_mask", "volume_in_truth_frame",
+           "z_overlap_errors"]
