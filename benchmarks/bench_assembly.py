@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_data/bench-assembly"),
                         help="reconstruction folder (an earlier run there is resumed, finished stages kept)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rerun-from", default=None,
+                        help="recompute from this step on (e.g. 'stack' after a change to stacking)")
     parser.add_argument("--memory-budget-gb", type=float, default=4.0)
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the truth sampled on the volume grid is kept during the run (default: a "
@@ -121,7 +123,7 @@ def main() -> None:
 
         rss.label = "stage 0"
         started = time.perf_counter()
-        result = reconstruct(args.mosaic, args.out, params, progress=progress)
+        result = reconstruct(args.mosaic, args.out, params, progress=progress, rerun_from=args.rerun_from)
         chain_seconds = time.perf_counter() - started
         figures["load_after_reconstruct"] = os.getloadavg()
         stages = []

@@ -256,7 +256,7 @@ def _level_block(image, level: int, truth: TruthOnVolumeGrid, start: int, stop: 
     if noise_seed is not None:
         noisy = masked_mean(base * _speckle(truth.acq, noise_seed, b0, b1, n0[1:]))
     averaged = masked_mean(base)
-    del base, has_data
+    del base
     if not coverage:
         covered = None
     # Inside is separable, so the inside fraction of a box is the product of the per-axis fractions.
