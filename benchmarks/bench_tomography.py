@@ -96,8 +96,12 @@ def bench_speed(repeats: int, threads: int) -> list[dict]:
     start = time.perf_counter()
     geometry = SartGeometry(400, theta_s)
     setup = time.perf_counter() - start
-    cases.append(("SART, one iteration, 400 x 400, 180 angles", lambda: sk_sart(sino_s, theta_s),
+    sart = "SART, one iteration, 400 x 400, 180 angles"
+    cases.append((sart + (", numba kernels" if kernels else ""), lambda: sk_sart(sino_s, theta_s),
                   lambda: iradon_sart(sino_s, theta_s, geometry=geometry), lambda r: _rmse(r, small)))
+    if kernels:
+        cases.append((sart + ", numpy path", lambda: sk_sart(sino_s, theta_s),
+                      numpy_path(lambda: iradon_sart(sino_s, theta_s, geometry=geometry)), lambda r: _rmse(r, small)))
     for name, theirs, ours, error in cases:
         t_theirs, t_ours, c_theirs, c_ours, r_theirs, r_ours = [], [], [], [], None, None
         for _ in range(repeats):  # alternate, so both see the same machine load
