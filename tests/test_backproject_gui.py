@@ -15,6 +15,18 @@ def _not_blank(viewer) -> None:
     assert shot[..., :3].astype(float).mean(axis=-1).std() > 5, "screenshot is blank"
 
 
+
+def _straighten(viewer, qtbot, widget, path_layer, out_dir, size: int, name: str, n_layers: int):
+    """Run the Straighten widget along ``path_layer`` (square slices of ``size``) and return the layer it adds."""
+    widget.input_widgets["points"].value = path_layer
+    widget.input_widgets["out_dir"].value = out_dir
+    widget.param_widgets["width"].value = size
+    widget.param_widgets["height"].value = size
+    widget.param_widgets["name"].value = name
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.run_button.enabled and len(viewer.layers) == n_layers, timeout=60_000)
+    return viewer.layers[-1]
+
 def test_straighten_then_backproject_from_the_widgets(make_napari_viewer, qtbot, tmp_path):
     from napari_soct.processing.backproject import straighten_volume
     from napari_soct.processing.io.images import ImageData
@@ -32,14 +44,7 @@ def test_straighten_then_backproject_from_the_widgets(make_napari_viewer, qtbot,
     _, straighten = viewer.window.add_plugin_dock_widget("napari-soct", "Straighten along a path")
     straighten.input_widgets["image"].value = labels
     assert straighten.param_widgets["value_mode"].value == "labels"  # follows the chosen layer type
-    straighten.input_widgets["points"].value = path
-    straighten.input_widgets["out_dir"].value = tmp_path / "straight"
-    straighten.param_widgets["width"].value = 24
-    straighten.param_widgets["height"].value = 24
-    straighten.param_widgets["name"].value = "mask"
-    assert straighten.start() is not None
-    qtbot.waitUntil(lambda: straighten.run_button.enabled and len(viewer.layers) == 4, timeout=60_000)
-    straight = viewer.layers[-1]
+    straight = _straighten(viewer, qtbot, straighten, path, tmp_path / "straight", 24, "mask", n_layers=4)
     assert isinstance(straight, napari.layers.Labels), straighten.status.value
     # The widget passed the path in the source's own coordinates: same slices as a direct call without offsets.
     direct = straighten_volume(ImageData(tube["labels"], tube["scale"]), tube["points"], tmp_path / "direct",
@@ -117,14 +122,7 @@ def test_layers_saved_with_their_configuration_and_backprojected(make_napari_vie
     viewer.add_image(tube["image"], scale=tube["scale"], name="source")
     path = viewer.add_points(tube["points"], name="path", size=0.01)
     _, straighten = viewer.window.add_plugin_dock_widget("napari-soct", "Straighten along a path")
-    straighten.input_widgets["points"].value = path
-    straighten.input_widgets["out_dir"].value = tmp_path / "straight"
-    straighten.param_widgets["width"].value = 20
-    straighten.param_widgets["height"].value = 20
-    straighten.param_widgets["name"].value = "v"
-    assert straighten.start() is not None
-    qtbot.waitUntil(lambda: straighten.run_button.enabled and len(viewer.layers) == 3, timeout=60_000)
-    straight = viewer.layers[-1]
+    straight = _straighten(viewer, qtbot, straighten, path, tmp_path / "straight", 20, "v", n_layers=3)
     config = tmp_path / "straight" / "v-configuration.json"
     assert isinstance(straight, napari.layers.Image), straighten.status.value
     assert straight.metadata["soct_configuration"] == str(config.resolve())
