@@ -131,6 +131,10 @@ def test_pairs_decided_by_hand_are_ok_with_a_note_and_counted_apart(decided):
     register = decided.after.step("register")
     assert register.hand_counts == {"set by hand": 2, "verified by hand": 1}
     assert register.by_hand_text == "2 pairs set by hand, 1 pair verified by hand"
+    from napari_soct.pipeline import STEPS
+
+    # The one-line status of the Report widget and the CLI says it too.
+    assert "decided by hand: 2 pairs set by hand, 1 pair verified by hand" in STEPS["report"].summary(decided.after)
     assert register.n_by_hand == sum(f.step == "register" for f in decided.after.by_hand)
     assert register.status == "error"  # pair 3 -> 4 (and the slip below)
     assert register.n_warnings + register.n_errors == sum(f.step == "register" for f in decided.after.findings)

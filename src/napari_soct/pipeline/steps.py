@@ -570,6 +570,7 @@ def _report_summary(result: ReportResult) -> str:
     lines = [f"report: {result.status} - {len(ran)} step(s) ran; {errors} error(s) and {warnings} warning(s) found; "
              f"{result.path}"]
     lines += [f"  {s.number:>2}. {s.title}: {s.status}" + (f" ({s.worst.message})" if s.worst else "")
+              + (f"; decided by hand: {s.by_hand_text}" if s.hand_counts else "")
               for s in result.steps]
     return "\n".join(lines)
 
