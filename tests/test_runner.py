@@ -146,6 +146,10 @@ def test_same_result_on_a_local_cluster_of_two_processes(raw, reference, tmp_pat
             Client(cluster) as client:
         result = run_pipeline(_params(raw, tmp_path / "run", workers=2), client=client)
         assert client.status == "running"  # the caller's client is left open
+        # Every per-slice step, preprocessing included, ran as one task per slice on the cluster's workers.
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+        for step in ("soct-preprocess", "soct-illumination", "soct-stitch", "soct-normalize"):
+            assert step in prefixes, prefixes
     assert volume_checksum(tmp_path / "run") == checksum
     assert not leftovers(tmp_path / "run")
     assert result.outcomes[-1].action == "ran"

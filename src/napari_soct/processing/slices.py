@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from functools import partial
 from contextvars import ContextVar
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -32,7 +33,7 @@ from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
 __all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
-           "current_client", "slices_on_client", "map_in_threads"]
+           "current_client", "slices_on_client", "map_in_threads", "map_on_client"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -287,28 +288,33 @@ def slices_on_client(client):
         _CLIENT.reset(token)
 
 
-def _slice_task(process_slice, in_path: Path, target: Path, overwrite: bool, units: int) -> dict:
+def _slice_task(process_slice, inputs: dict, targets: dict, overwrite: bool, units: dict, sid: int) -> dict:
     """One slice on a dask worker: the same atomic output as locally, progress counted on the driver."""
-    with atomic_output(target, "overwrite" if overwrite else "error") as tmp:
-        return process_slice(in_path, tmp, Progress(units)) or {}
+    with atomic_output(targets[sid], "overwrite" if overwrite else "error") as tmp:
+        return process_slice(inputs[sid], tmp, Progress(units[sid])) or {}
 
 
 def _run_on_client(client, step, inputs, targets, to_run, process_slice, params, units, tracker, stop):
+    task = partial(_slice_task, process_slice, inputs, targets, params.if_exists == "overwrite", units)
+    return map_on_client(client, task, to_run, units, tracker, stop, f"soct-{step}")
+
+
+def map_on_client(client, fn, slice_ids, units: dict, tracker: Progress, stop: StopFlag, name: str) -> dict:
+    """``{slice id: fn(slice id)}``, one dask task per slice on ``client`` (``fn`` must pickle: a module-level
+    function or a ``functools.partial`` of one). The driver advances ``tracker`` by ``units[sid]`` as each
+    slice finishes; the first failure (or a cancel) sets ``stop``, cancels the other tasks and is raised."""
     from distributed import as_completed
 
-    futures = {
-        client.submit(_slice_task, process_slice, inputs[sid], targets[sid], params.if_exists == "overwrite",
-                      units[sid], key=f"soct-{step}-z{sid:02d}-{uuid.uuid4().hex[:8]}", pure=False): sid
-        for sid in to_run
-    }
-    metrics: dict[int, dict] = {}
+    futures = {client.submit(fn, sid, key=f"{name}-z{sid:02d}-{uuid.uuid4().hex[:8]}", pure=False): sid
+               for sid in slice_ids}
+    results: dict = {}
     try:
         for future in as_completed(futures):
             sid = futures[future]
-            metrics[sid] = future.result()  # re-raises the worker's exception
+            results[sid] = future.result()  # re-raises the worker's exception
             tracker.advance(units[sid], f"slice {sid} done")
     except BaseException:
         stop.event.set()
         client.cancel(list(futures))
         raise
-    return metrics
+    return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,8 +18,8 @@ from ..io.rawtiles import BadTileWarning, RawAcquisition, RawFormatError, open_r
 from ..io.tables import SliceConfigRow, write_shifts_xy, write_slice_config
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
-from ..progress import Cancelled, Progress, ProgressCallback
-from ..slices import SliceRunParams, StopFlag
+from ..progress import Progress, ProgressCallback
+from ..slices import SliceRunParams, StopFlag, current_client, map_in_threads, map_on_client
 from .galvo import GalvoDecision
 from .mosaic import SliceGeometry, galvo_decision_for_slice, mosaic_grid_name, read_corrected_tile, slice_geometry
 from .previews import save_previews
@@ -262,6 +262,11 @@ def _slice_config_rows(acq: RawAcquisition, results: list[SliceResult], params: 
     return rows
 
 
+def _write_slice_task(acq, targets, params, previews_dir, units, sid: int) -> SliceResult:
+    """One slice on a dask worker (progress is counted on the driver as slices finish)."""
+    return _write_slice(acq, sid, targets[sid], params, Progress(units[sid]), previews_dir)
+
+
 def preprocess_acquisition(
     raw_dir,
     out_dir,
@@ -337,21 +342,17 @@ def preprocess_acquisition(
     tracker = Progress(total, progress, stop)
     tracker.check()
     results: dict[int, SliceResult] = {}
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="soct-preprocess") as pool:
-        futures = {pool.submit(_write_slice, acq, sid, targets[sid], params, tracker, previews_dir): sid
-                   for sid in to_write}
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        if any(f.exception() for f in done):
-            stop.event.set()
-        wait(futures)
-        for future, sid in futures.items():
-            if future.exception() is None:
-                results[sid] = future.result()
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            # Report the real failure, not the cancellations it caused in the other workers.
-            real = [e for e in errors if not isinstance(e, Cancelled)]
-            raise (real or errors)[0]
+    client = current_client()
+    if client is not None and to_write:
+        # Inside a run on a dask cluster: one task per slice, like every per-slice step.
+        units = {sid: len(acq.tiles[sid]) for sid in to_write}
+        task = partial(_write_slice_task, acq, targets, params, previews_dir, units)
+        results.update(map_on_client(client, task, to_write, units, tracker, stop, "soct-preprocess"))
+        n_workers = len(client.scheduler_info().get("workers", {})) or n_workers
+    else:
+        results.update(map_in_threads(
+            lambda sid: _write_slice(acq, sid, targets[sid], params, tracker, previews_dir), to_write, n_workers,
+            stop, "soct-preprocess"))
     for sid in ids:
         if sid not in results:
             geometry_s = slice_geometry(acq, sid, params.resolution_um, params.legacy_orientation)
