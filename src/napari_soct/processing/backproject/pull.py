@@ -277,12 +277,10 @@ def pull_block(
         scratch = np.empty(out.shape, np.int32)
     out_flat = out.reshape(-1)
     strides = np.array([shape[1] * shape[2], shape[2], 1], np.int64)
-    batches = _batches(plan, hits, origin, shape, max_cells, max(3, max_slices))
-    pull = _pull_batch
-    if jit_enabled():
-        pull = _pull_batch_compiled
-        # The kernel holds no per-cell temporaries: batches are bounded by the slices they read only.
-        batches = _batches(plan, hits, origin, shape, 1 << 40, max(3, max_slices))
+    compiled = jit_enabled()
+    pull = _pull_batch_compiled if compiled else _pull_batch
+    # The kernel holds no per-cell temporaries: its batches are bounded by the slices they read only.
+    batches = _batches(plan, hits, origin, shape, 1 << 40 if compiled else max_cells, max(3, max_slices))
     if plan.may_fold:
         priority = scratch.view(_F).reshape(-1)
         priority.fill(np.inf)
