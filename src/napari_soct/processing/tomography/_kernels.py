@@ -1,6 +1,7 @@
-"""numba kernels of the tomography projectors (imported only when :func:`..._jit.jit_enabled`).
+"""numba kernels of the tomography projectors and SART (imported only when :func:`..._jit.jit_enabled`).
 
-Same geometry and results as the numpy paths in :mod:`.projectors` (see there), computed pixel by pixel.
+Same geometry and results as the numpy paths in :mod:`.projectors` and :mod:`.sart` (see there), computed
+pixel by pixel.
 Each kernel releases the GIL and works on a band of image rows, so callers split the image among threads.
 """
 
@@ -107,11 +108,12 @@ def sart_ray_sums(padded, pad, center, cos_a, sin_a, shift, bands, sums):  # pra
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
-def sart_spread(image, center, cos_a, sin_a, shift, deviation, bands, window, radius2, relaxation):
+def sart_spread(image, center, cos_a, sin_a, shift, deviation, bands, window, radius2,
+                relaxation):  # pragma: no cover - compiled
     """Add ``relaxation`` x the deviations of one projection, linearly interpolated at each pixel's detector
     coordinate (zero beyond the detectors) and weighted by the Hamming window along the ray's chord
     (``window`` sampled in ``s^2 / s0^2``, a last entry of 0 beyond the chord), to ``image`` over ``bands``
-    ``(r0, r1, c0, c1)``."""  # pragma: no cover - compiled
+    ``(r0, r1, c0, c1)``."""
     n = deviation.shape[0]
     steps = window.shape[0] - 2  # samples of the window over [0, 1]
     top = 1.0 + 1.0 / steps
