@@ -304,13 +304,21 @@ def find_mosaic_dir(out_dir: Path, records: dict[str, StepRecord] | None = None,
 
 
 # ----------------------------------------------------------------------------------------------- step readers
-def _read_slice_step(record: StepRecord) -> None:
-    """Steps 1-7: ``<step>_metrics.json`` written by ``run_slice_step``."""
-    path = record.folder / f"{record.key}_metrics.json"
+
+
+def _load_metrics(record: StepRecord, name: str) -> dict:
+    """A step's metrics file ``name`` in its folder: recorded as its metrics path, with its time and parameters."""
+    path = record.folder / name
     record.metrics_path = path
     data = _read_json(path)
     record.seconds = _num(data.get("seconds"))
     record.params = data.get("params") or {}
+    return data
+
+
+def _read_slice_step(record: StepRecord) -> None:
+    """Steps 1-7: ``<step>_metrics.json`` written by ``run_slice_step``."""
+    data = _load_metrics(record, f"{record.key}_metrics.json")
     if data.get("skipped"):
         record.notes.append(f"slice(s) {', '.join(map(str, data['skipped']))} kept from an earlier run "
                             "(if_exists=skip); their metrics are those of that run")
@@ -384,11 +392,7 @@ def _finish_crop(record: StepRecord) -> None:
 
 
 def _read_preprocess(record: StepRecord) -> None:
-    path = record.folder / "preprocess_metrics.json"
-    record.metrics_path = path
-    data = _read_json(path)
-    record.seconds = _num(data.get("seconds"))
-    record.params = data.get("params") or {}
+    data = _load_metrics(record, "preprocess_metrics.json")
     rows = []
     for s in data.get("slices") or []:
         galvo = s.get("galvo") or {}
@@ -437,11 +441,7 @@ def _slice_config_rows(path: Path) -> list[dict]:
 
 
 def _read_quality(record: StepRecord) -> None:
-    path = record.folder / "quality_report.json"
-    record.metrics_path = path
-    data = _read_json(path)
-    record.params = data.get("params") or {}
-    record.seconds = _num(data.get("seconds"))
+    data = _load_metrics(record, "quality_report.json")
     config = {}
     if (record.folder / "slice_config.csv").is_file():
         record.files["slice_config"] = record.folder / "slice_config.csv"
@@ -652,11 +652,7 @@ def z_spread(record: StepRecord) -> None:
 
 
 def _read_bias(record: StepRecord) -> None:
-    path = record.folder / "bias_metrics.json"
-    record.metrics_path = path
-    data = _read_json(path)
-    record.seconds = _num(data.get("seconds"))
-    record.params = data.get("params") or {}
+    data = _load_metrics(record, "bias_metrics.json")
     row = {"mode": (data.get("params") or {}).get("mode"), "passthrough": data.get("passthrough")}
     before, after = _num(data.get("tissue_cv_before")), _num(data.get("tissue_cv_after"))
     row.update({"tissue_cv_before": before, "tissue_cv_after": after})
@@ -678,11 +674,7 @@ def _read_bias(record: StepRecord) -> None:
 
 
 def _read_atlas(record: StepRecord) -> None:
-    path = record.folder / "atlas_metrics.json"
-    record.metrics_path = path
-    data = _read_json(path)
-    record.seconds = _num(data.get("seconds"))
-    record.params = data.get("params") or {}
+    data = _load_metrics(record, "atlas_metrics.json")
     rotation = data.get("rotation_deg") or []
     translation = data.get("translation_mm") or []
     record.tables["step"] = [{
