@@ -87,6 +87,30 @@ class RunResult:
     seconds: float = 0.0
 
 
+#: Memory a worker process needs besides its share of the steps' budget (interpreter, imported libraries).
+WORKER_PROCESS_GIB = 0.5
+
+#: One core per worker: every threaded library a step uses runs single-threaded in a worker process (dask's
+#: own default for BLAS/OpenMP, extended to zarr's codec threads and numba), so ``workers`` is the number of
+#: cores a run uses and N workers never oversubscribe N cores.
+ONE_CORE_ENVIRON = {
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+    "ZARR_THREADING__MAX_WORKERS": "1",
+}
+
+
+def local_worker_config() -> dict:
+    """dask settings of the LocalCluster a run starts: one core per worker (:data:`ONE_CORE_ENVIRON`), and no
+    pausing or spilling, which only stall tasks that hold no dask data: the steps keep their own memory budget
+    (``memory_budget_gb / workers`` each), and the worker's limit (that plus :data:`WORKER_PROCESS_GIB`) stays
+    as the last guard."""
+    import dask
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ONE_CORE_ENVIRON}
+    return {"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.memory.target": False,
+            "distributed.worker.memory.spill": False, "distributed.worker.memory.pause": False}
+
+
 @contextlib.contextmanager
 def _dask_client(scheduler: str, workers: int, memory_budget_gb: float, client=None):
     """The client the run submits slices to (None: threads); closes only what it opened."""
@@ -102,18 +126,11 @@ def _dask_client(scheduler: str, workers: int, memory_budget_gb: float, client=N
     from distributed import Client, LocalCluster
 
     if scheduler == "local":
-        import os
-
         import dask
 
-        # dask pins BLAS/OpenMP to one thread per worker process; the steps' numeric kernels may use the cores
-        # the workers leave free (1 worker on 2 cores: 2 threads).
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
-        environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": {
-                **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ}}):
+        with dask.config.set(local_worker_config()):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   memory_limit=f"{memory_budget_gb / workers:.3f}GiB")
+                                   memory_limit=f"{memory_budget_gb / workers + WORKER_PROCESS_GIB:.3f}GiB")
         with cluster, Client(cluster) as own, slices_on_client(own):
             yield own
         return
