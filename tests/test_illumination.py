@@ -367,3 +367,39 @@ def test_plane_step_fits_every_nth_plane_and_interpolates(tiny_grids, tmp_path):
         np.testing.assert_allclose(b[fitted], a[fitted], rtol=1e-5, atol=1e-6)  # planes are fitted independently
         # In between: the linear interpolation of the neighbouring fitted planes (at working size = tile size).
         np.testing.assert_allclose(b[2], 0.5 * (b[0] + b[4]), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- plane groups as sub-tasks on a cluster
+def test_plane_groups_run_as_cluster_subtasks_with_the_same_result(tiny_acquisition, tiny_grids, tmp_path):
+    """With ``planes_per_task`` the planes of a slice are fitted in groups; on a dask worker each group is a
+    sub-task that the other worker can take. The groups depend on the parameters only: a LocalCluster of two
+    processes writes the same bytes as one thread, and the grouped fit stays as close to the truth."""
+    from distributed import Client, LocalCluster
+
+    from napari_soct.processing.correct.illumination import plane_groups
+    from napari_soct.processing.slices import slices_on_client
+
+    groups = plane_groups(np.arange(0, 32, 1), 10)
+    assert [g.size for g in groups] == [8, 8, 8, 8] and np.array_equal(np.concatenate(groups), np.arange(32))
+    assert len(plane_groups(np.arange(32), 0)) == 1
+
+    params = IlluminationParams(workers=2, planes_per_task=10)
+    local = correct_illumination(tiny_grids, tmp_path / "threads", params)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, slices_on_client(client):
+        remote = correct_illumination(tiny_grids, tmp_path / "cluster", params)
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert "soct-illumination-fit" in prefixes and "soct-illumination" in prefixes, prefixes
+    one_group = correct_illumination(tiny_grids, tmp_path / "one", IlluminationParams(workers=2, planes_per_task=0))
+    acq = tiny_acquisition
+    for sid in acq.slice_ids:
+        a = open_mosaic_grid(local.outputs[sid])
+        b = open_mosaic_grid(remote.outputs[sid])
+        for x, y in a.tile_positions():
+            np.testing.assert_array_equal(a.read_tile(x, y), b.read_tile(x, y))
+        grouped = np.load(local.metrics[sid]["flatfield_path"])
+        whole = np.load(one_group.metrics[sid]["flatfield_path"])
+        planes = _tissue_planes(acq, sid)
+        corr_grouped = np.mean([_corr(grouped[z], acq.flatfield) for z in planes])
+        corr_whole = np.mean([_corr(whole[z], acq.flatfield) for z in planes])
+        assert corr_grouped >= corr_whole - 0.02, (sid, corr_grouped, corr_whole)

@@ -146,9 +146,11 @@ def test_same_result_on_a_local_cluster_of_two_processes(raw, reference, tmp_pat
             Client(cluster) as client:
         result = run_pipeline(_params(raw, tmp_path / "run", workers=2), client=client)
         assert client.status == "running"  # the caller's client is left open
-        # Every per-slice step, preprocessing included, ran as one task per slice on the cluster's workers.
+        # Every per-slice step, preprocessing included, ran as one task per slice on the cluster's workers, and
+        # so did the passes over slices that only measure (stitching's registration, normalisation's levels).
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-        for step in ("soct-preprocess", "soct-illumination", "soct-stitch", "soct-normalize"):
+        for step in ("soct-preprocess", "soct-illumination", "soct-stitch", "soct-stitch-register", "soct-normalize",
+                     "soct-normalize-level"):
             assert step in prefixes, prefixes
     assert volume_checksum(tmp_path / "run") == checksum
     assert not leftovers(tmp_path / "run")

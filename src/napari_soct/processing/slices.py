@@ -33,7 +33,7 @@ from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
 __all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
-           "current_client", "slices_on_client", "map_in_threads", "map_on_client"]
+           "current_client", "slices_on_client", "map_in_threads", "map_on_client", "map_slices"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -247,6 +247,18 @@ def run_slice_step(
         workers_used=n_workers,
         skipped=skipped,
     )
+
+
+def map_slices(fn, slice_ids, n_workers: int, name: str, cancel=None) -> dict:
+    """``{slice id: fn(slice id)}`` for a pass over slices that writes nothing (measurements): one dask task per
+    slice inside a run on a cluster (``fn`` must pickle), else ``n_workers`` threads here."""
+    slice_ids = list(slice_ids)
+    stop = StopFlag(cancel)
+    client = current_client()
+    if client is not None and slice_ids:
+        tracker = Progress(len(slice_ids), None, stop)
+        return map_on_client(client, fn, slice_ids, {sid: 1 for sid in slice_ids}, tracker, stop, name)
+    return map_in_threads(fn, slice_ids, max(1, n_workers), stop, name)
 
 
 def map_in_threads(fn, items, n_workers: int, stop: StopFlag, name: str = "soct") -> dict:

@@ -63,7 +63,9 @@ least it needs is about ``15 P + 3 tiles``. The flat-fields at tile size (one ti
 from __future__ import annotations
 
 import math
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -669,6 +671,11 @@ class IlluminationParams(SliceRunParams):
         0, "Depth planes of all tiles read per pass; 0 chooses the most that fit in memory_budget_gb", min=0,
         unit="planes",
     )
+    planes_per_task: int = param(
+        64, "Fit the planes in groups of about this many, each warm-started on its own, so that on a cluster "
+        "the groups of one slice run in parallel (0 = one group per slice)", min=0, max=100000, unit="planes",
+        advanced=True,
+    )
     plane_step: int = param(
         1, "Fit every n-th depth plane and interpolate the flat-field linearly in between (1 = every plane, "
         "as the lab does; the vignetting varies slowly with depth)", min=1, max=64, unit="planes",
@@ -837,6 +844,83 @@ def _interpolate_planes(fields: np.ndarray, fitted: np.ndarray) -> None:
         fields[z] = (1 - weight) * fields[low] + weight * fields[high]
 
 
+def plane_groups(planned: np.ndarray, planes_per_task: int) -> list[np.ndarray]:
+    """Split the fitted planes into ``ceil(len / planes_per_task)`` groups of nearly equal size (one group
+    when ``planes_per_task`` is 0). The split depends on the parameters only, never on where the groups run,
+    so the result is the same on one thread or a cluster."""
+    n_groups = 1 if planes_per_task <= 0 else max(1, math.ceil(len(planned) / planes_per_task))
+    return [g for g in np.array_split(planned, n_groups) if g.size]
+
+
+def _fit_group(in_path: Path, chosen_planes: np.ndarray, params: IlluminationParams, plan: _SlicePlan,
+               tracker=None, covered: int = 0) -> dict:
+    """Fit the planes ``chosen_planes`` of one slice, z-block by z-block, each plane warm-started from the one
+    before it within the group; returns the per-plane results (``_fit_block``'s keys) for those planes.
+    ``tracker`` (optional) counts the depth planes from ``covered`` on as they are done."""
+    settings = params.settings()
+    grid = open_mosaic_grid(in_path)
+    positions = grid.tile_positions()
+    use_basicpy = params.backend == "basicpy"
+    be = _array_backend("numpy" if use_basicpy else params.backend)
+    resampler = _Resampler(grid.tile_shape[1:], None if use_basicpy else params.working_size)
+    results = []
+    carry = None
+    for start in range(0, len(chosen_planes), plan.z_block):
+        chosen = chosen_planes[start : start + plan.z_block]
+        z0, z1 = int(chosen[0]), int(chosen[-1]) + 1
+        fit_hw = grid.tile_shape[1:] if use_basicpy else resampler.work_shape
+        stack = np.empty((len(positions), len(chosen), *fit_hw), np.float32)
+        for i, (x, y) in enumerate(positions):
+            tile = grid.read_tile(x, y, z=slice(z0, z1))[chosen - z0]
+            stack[i] = tile if use_basicpy else resampler.down(tile)
+            del tile
+            if tracker is not None:
+                tracker.check()
+        if use_basicpy:
+            block = _basicpy_block(stack, settings, params.working_size)
+        else:
+            block, carry = _fit_block(stack, be, settings, plan.batch, params.warm_start, carry)
+        del stack
+        results.append(block)
+        if tracker is not None:
+            tracker.advance(z1 - covered, f"{Path(in_path).name}: flat-field planes {covered}-{z1 - 1}")
+        covered = z1
+    return {key: np.concatenate([b[key] for b in results]) for key in results[0]}
+
+
+def _fit_groups(in_path: Path, groups: list[np.ndarray], params: IlluminationParams, plan: _SlicePlan, tracker):
+    """``(planes, results)`` of every group: one after the other here, or as sub-tasks when this runs as a
+    task on a dask worker (the slice's task leaves its thread while they run, so idle workers take them)."""
+    worker = _dask_worker() if len(groups) > 1 else None
+    if worker is None:
+        covered = 0
+        for chosen in groups:
+            yield chosen, _fit_group(in_path, chosen, params, plan, tracker, covered)
+            covered = int(chosen[-1]) + 1
+        return
+    from distributed import worker_client
+
+    with worker_client() as client:
+        futures = [client.submit(_fit_group, in_path, chosen, params, plan, pure=False,
+                                 key=f"soct-illumination-fit-{Path(in_path).name.split('.')[0]}-g{i}-"
+                                     f"{uuid.uuid4().hex[:8]}")
+                   for i, chosen in enumerate(groups)]
+        for chosen, future in zip(groups, futures):
+            yield chosen, future.result()
+    tracker.advance(int(groups[-1][-1]) + 1, f"{Path(in_path).name}: flat-field planes fitted")
+
+
+def _dask_worker():
+    """The dask worker this code runs on, or None (without importing distributed: on a worker it is loaded)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker()
+    except ValueError:
+        return None
+
+
 def _process_slice(params: IlluminationParams, n_slices: int):
     settings = params.settings()
 
@@ -860,8 +944,9 @@ def _process_slice(params: IlluminationParams, n_slices: int):
         wy, wx = resampler.work_shape
         n_tiles = len(positions)
 
-        # Pass 1: flat-fields per depth plane, z-block by z-block, tiles held at working size only. With
-        # plane_step > 1 only every plane_step-th plane (and the last) is fitted, the others interpolated.
+        # Pass 1: flat-fields per depth plane. With plane_step > 1 only every plane_step-th plane (and the last)
+        # is fitted, the others interpolated. The planes form groups of planes_per_task, each fitted on its own
+        # (warm-started within the group): on a dask worker the groups are sub-tasks any worker may take.
         fit_shape = (nz, ty, tx) if use_basicpy else (nz, wy, wx)
         flat_small = np.ones(fit_shape, np.float32)
         dark_small = np.zeros(fit_shape, np.float32)
@@ -871,28 +956,12 @@ def _process_slice(params: IlluminationParams, n_slices: int):
             "residual": np.zeros(nz, np.float64), "converged": np.ones(nz, bool), "fitted": np.zeros(nz, bool),
         }
         planned = np.array(sorted(set(range(0, nz, params.plane_step)) | {nz - 1}))
-        carry = None
-        covered = 0
-        for start in range(0, len(planned), plan.z_block):
-            chosen = planned[start : start + plan.z_block]
-            z0, z1 = int(chosen[0]), int(chosen[-1]) + 1
-            stack = np.empty((n_tiles, len(chosen), *fit_shape[1:]), np.float32)
-            for i, (x, y) in enumerate(positions):
-                tile = grid.read_tile(x, y, z=slice(z0, z1))[chosen - z0]
-                stack[i] = tile if use_basicpy else resampler.down(tile)
-                del tile
-                tracker.check()
-            if use_basicpy:
-                block = _basicpy_block(stack, settings, params.working_size)
-            else:
-                block, carry = _fit_block(stack, be, settings, plan.batch, params.warm_start, carry)
-            del stack
+        groups = plane_groups(planned, params.planes_per_task)
+        for chosen, block in _fit_groups(in_path, groups, params, plan, tracker):
             flat_small[chosen] = block["flatfield"]
             dark_small[chosen] = block["darkfield"]
             for key in per_plane:
                 per_plane[key][chosen] = block[key]
-            tracker.advance(z1 - covered, f"{in_path.name}: flat-field planes {covered}-{z1 - 1}")
-            covered = z1
         _interpolate_planes(flat_small, planned)
         _interpolate_planes(dark_small, planned)
         fit_seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from scipy.ndimage import gaussian_filter1d
 from skimage.filters import threshold_otsu
 
 from ..params import param
-from ..slices import SliceRunParams, SliceStepResult, find_slice_files, run_slice_step
+from ..slices import SliceRunParams, SliceStepResult, find_slice_files, map_slices, run_slice_step
 from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice, sample_pixels
 
 __all__ = [
@@ -128,6 +129,11 @@ def slice_reference_level(alines: np.ndarray, percentile: float = 99.0) -> float
     return float(np.percentile(tissue, percentile))
 
 
+def _level_of_slice(files: dict, params: NormalizeParams, sid: int) -> float:
+    return slice_reference_level(sample_pixels(open_slice(files[sid]).levels[0], params.sample_alines),
+                                 params.percentile)
+
+
 def normalize_slices(source, out_dir, params: NormalizeParams | None = None, *, progress=None,
                      cancel=None) -> SliceStepResult:
     """Step 7: rescale every slice so its tissue percentile matches the median over slices.
@@ -138,8 +144,9 @@ def normalize_slices(source, out_dir, params: NormalizeParams | None = None, *, 
     """
     params = params or NormalizeParams()
     files = find_slice_files(source)
-    levels = np.array([slice_reference_level(sample_pixels(open_slice(p).levels[0], params.sample_alines),
-                                             params.percentile) for p in files.values()])
+    measured = map_slices(partial(_level_of_slice, files, params), files, params.workers, "soct-normalize-level",
+                          cancel)
+    levels = np.array([measured[sid] for sid in files])
     smoothed = gaussian_filter1d(levels, params.smooth_sigma, mode="nearest") if params.smooth_sigma > 0 and len(
         levels) > 1 else levels
     target = float(np.median(smoothed))

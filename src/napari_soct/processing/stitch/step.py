@@ -21,6 +21,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,8 @@ from ..io.omezarr import COMPRESSION_CHOICES, create_ome_zarr_pyramid, pyramid_l
 from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Progress, ProgressCallback
-from ..slices import (SliceRunParams, SliceStepResult, StopFlag, find_slice_files, run_slice_step,
-                      slice_output_name)
+from ..slices import (SliceRunParams, SliceStepResult, StopFlag, current_client, find_slice_files, map_on_client,
+                      run_slice_step, slice_output_name)
 from .blend import BLENDING_CHOICES, TileCache, canvas_layout, diffusion_solve_bytes, stitch_blocks
 from .pairwise import PairEstimate, _overlap_regions, register_grid, tile_projection, upsampled_phase_correlation
 from .placement import (
@@ -140,6 +141,11 @@ def _register_slice(grid: MosaicGrid, params: StitchParams, nominal: dict, on_ti
     )
 
 
+def _register_slice_task(inputs: dict, params: StitchParams, nominal: dict, sid: int) -> list[PairEstimate]:
+    """Pairwise registration of one slice as a dask task (progress is counted on the driver per slice)."""
+    return _register_slice(_open_grid(inputs[sid]), params, nominal[sid], lambda ix, iy: None)
+
+
 def plan_placements(
     source, params: StitchParams, *, slice_ids=None, progress: ProgressCallback | None = None, cancel=None,
 ) -> tuple[dict[int, SlicePlan], AffineFit | None]:
@@ -172,17 +178,26 @@ def plan_placements(
     pairs: dict[int, list[PairEstimate]] = {sid: [] for sid in grids}
     if params.placement == "image":
         total = sum(len(grids[s].tile_positions()) for s in register)
-        tracker = Progress(total, progress, StopFlag(cancel))
+        stop = StopFlag(cancel)
+        tracker = Progress(total, progress, stop)
         tracker.check()
 
-        def one(sid):
-            return sid, _register_slice(
-                grids[sid], params, nominal[sid], lambda ix, iy: tracker.advance(1, f"registration z{sid:02d}")
-            )
+        client = current_client()
+        if client is not None:
+            # Inside a run on a dask cluster: one registration task per slice, like the stitching after it.
+            units = {sid: len(grids[sid].tile_positions()) for sid in register}
+            task = partial(_register_slice_task, inputs, params, nominal)
+            pairs.update(map_on_client(client, task, sorted(register), units, tracker, stop,
+                                       "soct-stitch-register"))
+        else:
+            def one(sid):
+                return sid, _register_slice(
+                    grids[sid], params, nominal[sid], lambda ix, iy: tracker.advance(1, f"registration z{sid:02d}")
+                )
 
-        with ThreadPoolExecutor(max_workers=max(1, min(params.workers, len(register)))) as pool:
-            for sid, result in pool.map(one, sorted(register)):
-                pairs[sid] = result
+            with ThreadPoolExecutor(max_workers=max(1, min(params.workers, len(register)))) as pool:
+                for sid, result in pool.map(one, sorted(register)):
+                    pairs[sid] = result
     plans: dict[int, SlicePlan] = {}
     pooled = None
     if params.placement == "image" and params.pool_slices:
