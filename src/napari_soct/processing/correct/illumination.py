@@ -715,6 +715,7 @@ class _SlicePlan:
     z_block: int
     batch: int
     bytes_needed: int
+    planes_in_memory: int = 0  # planes of all tiles at working size the budget holds besides the fit
 
 
 def _plan(grid, params: IlluminationParams, budget_bytes: int) -> _SlicePlan:
@@ -740,7 +741,8 @@ def _plan(grid, params: IlluminationParams, budget_bytes: int) -> _SlicePlan:
         z_block = int(max(1, min(nz, (available - batch * admm) // max(plane, 1))))
     batch = min(batch, z_block)
     needed = max(z_block * plane + batch * admm + reading + fields, applying)
-    return _SlicePlan(n_tiles, (nz, ty, tx), (wy, wx), z_block, batch, int(needed))
+    in_memory = max(0, (available - batch * admm) // max(plane, 1))
+    return _SlicePlan(n_tiles, (nz, ty, tx), (wy, wx), z_block, batch, int(needed), int(in_memory))
 
 
 def _slice_budget(params: IlluminationParams, n_slices: int) -> int:
@@ -852,62 +854,96 @@ def plane_groups(planned: np.ndarray, planes_per_task: int) -> list[np.ndarray]:
     return [g for g in np.array_split(planned, n_groups) if g.size]
 
 
-def _fit_group(in_path: Path, chosen_planes: np.ndarray, params: IlluminationParams, plan: _SlicePlan,
-               tracker=None, covered: int = 0) -> dict:
-    """Fit the planes ``chosen_planes`` of one slice, z-block by z-block, each plane warm-started from the one
-    before it within the group; returns the per-plane results (``_fit_block``'s keys) for those planes.
-    ``tracker`` (optional) counts the depth planes from ``covered`` on as they are done."""
-    settings = params.settings()
-    grid = open_mosaic_grid(in_path)
+def _read_planes(grid, chosen: np.ndarray, resampler: _Resampler | None, tracker=None) -> np.ndarray:
+    """Planes ``chosen`` (sorted) of every tile, ``(n_tiles, planes, h, w)`` at working size (``resampler``) or
+    full size (None)."""
     positions = grid.tile_positions()
-    use_basicpy = params.backend == "basicpy"
-    be = _array_backend("numpy" if use_basicpy else params.backend)
-    resampler = _Resampler(grid.tile_shape[1:], None if use_basicpy else params.working_size)
+    z0, z1 = int(chosen[0]), int(chosen[-1]) + 1
+    fit_hw = grid.tile_shape[1:] if resampler is None else resampler.work_shape
+    stack = np.empty((len(positions), len(chosen), *fit_hw), np.float32)
+    for i, (x, y) in enumerate(positions):
+        tile = grid.read_tile(x, y, z=slice(z0, z1))[chosen - z0]
+        stack[i] = tile if resampler is None else resampler.down(tile)
+        del tile
+        if tracker is not None:
+            tracker.check()
+    return stack
+
+
+def _fit_planes(stack: np.ndarray, params: IlluminationParams, plan: _SlicePlan, carry=None):
+    """Fit every plane of ``stack (n_tiles, planes, h, w)``, each warm-started from the one before it (the first
+    from ``carry``); returns the per-plane results (``_fit_block``'s keys) and the last plane's state."""
+    settings = params.settings()
+    if params.backend == "basicpy":
+        return _basicpy_block(stack, settings, params.working_size), None
+    return _fit_block(stack, _array_backend(params.backend), settings, plan.batch, params.warm_start, carry)
+
+
+def _fit_stack(stack: np.ndarray, params: IlluminationParams, plan: _SlicePlan) -> dict:
+    """:func:`_fit_planes` without the state: a sub-task's result."""
+    return _fit_planes(stack, params, plan)[0]
+
+
+def _fit_group_reading(in_path: Path, chosen_planes: np.ndarray, params: IlluminationParams, plan: _SlicePlan,
+                       tracker=None, covered: int = 0) -> dict:
+    """Fit the planes ``chosen_planes`` of one slice reading them z-block by z-block (when all planes at working
+    size do not fit the memory budget), warm-started within the group. ``tracker`` (optional) counts the depth
+    planes from ``covered`` on."""
+    grid = open_mosaic_grid(in_path)
+    resampler = None if params.backend == "basicpy" else _Resampler(grid.tile_shape[1:], params.working_size)
     results = []
     carry = None
     for start in range(0, len(chosen_planes), plan.z_block):
         chosen = chosen_planes[start : start + plan.z_block]
-        z0, z1 = int(chosen[0]), int(chosen[-1]) + 1
-        fit_hw = grid.tile_shape[1:] if use_basicpy else resampler.work_shape
-        stack = np.empty((len(positions), len(chosen), *fit_hw), np.float32)
-        for i, (x, y) in enumerate(positions):
-            tile = grid.read_tile(x, y, z=slice(z0, z1))[chosen - z0]
-            stack[i] = tile if use_basicpy else resampler.down(tile)
-            del tile
-            if tracker is not None:
-                tracker.check()
-        if use_basicpy:
-            block = _basicpy_block(stack, settings, params.working_size)
-        else:
-            block, carry = _fit_block(stack, be, settings, plan.batch, params.warm_start, carry)
-        del stack
+        block, carry = _fit_planes(_read_planes(grid, chosen, resampler, tracker), params, plan, carry)
         results.append(block)
         if tracker is not None:
+            z1 = int(chosen[-1]) + 1
             tracker.advance(z1 - covered, f"{Path(in_path).name}: flat-field planes {covered}-{z1 - 1}")
-        covered = z1
+            covered = z1
     return {key: np.concatenate([b[key] for b in results]) for key in results[0]}
 
 
-def _fit_groups(in_path: Path, groups: list[np.ndarray], params: IlluminationParams, plan: _SlicePlan, tracker):
-    """``(planes, results)`` of every group: one after the other here, or as sub-tasks when this runs as a
-    task on a dask worker (the slice's task leaves its thread while they run, so idle workers take them)."""
+def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params: IlluminationParams,
+                plan: _SlicePlan, tracker):
+    """``(planes, results)`` of every group of planes. When the planes at working size fit the memory plan they
+    are read once and each group is fitted from memory; else each group reads its own planes z-block by z-block.
+    On a dask worker (and with several groups) the groups are sub-tasks that any idle worker takes: the slice's
+    task leaves its thread while they run."""
     worker = _dask_worker() if len(groups) > 1 else None
+    planned = np.concatenate(groups)
+    # Held at once: the planes, and one group's copy (here) or every group's (sub-tasks) at most.
+    in_memory = plan.planes_in_memory >= len(planned) * (2 if len(groups) > 1 else 1)
+    name = Path(in_path).name
+    stack = _read_planes(grid, planned, resampler, tracker) if in_memory else None
     if worker is None:
         covered = 0
         for chosen in groups:
-            yield chosen, _fit_group(in_path, chosen, params, plan, tracker, covered)
+            if in_memory:
+                rows = np.searchsorted(planned, chosen)
+                block = _fit_planes(stack[:, rows], params, plan)[0]
+                z1 = int(chosen[-1]) + 1
+                tracker.advance(z1 - covered, f"{name}: flat-field planes {covered}-{z1 - 1}")
+            else:
+                block = _fit_group_reading(in_path, chosen, params, plan, tracker, covered)
+            yield chosen, block
             covered = int(chosen[-1]) + 1
         return
     from distributed import worker_client
 
     with worker_client() as client:
-        futures = [client.submit(_fit_group, in_path, chosen, params, plan, pure=False,
-                                 key=f"soct-illumination-fit-{Path(in_path).name.split('.')[0]}-g{i}-"
-                                     f"{uuid.uuid4().hex[:8]}")
-                   for i, chosen in enumerate(groups)]
+        futures = []
+        for i, chosen in enumerate(groups):
+            key = f"soct-illumination-fit-{name.split('.')[0]}-g{i}-{uuid.uuid4().hex[:8]}"
+            if in_memory:
+                part = client.scatter(np.ascontiguousarray(stack[:, np.searchsorted(planned, chosen)]), direct=True)
+                futures.append(client.submit(_fit_stack, part, params, plan, pure=False, key=key))
+            else:
+                futures.append(client.submit(_fit_group_reading, in_path, chosen, params, plan, pure=False, key=key))
+        del stack
         for chosen, future in zip(groups, futures):
             yield chosen, future.result()
-    tracker.advance(int(groups[-1][-1]) + 1, f"{Path(in_path).name}: flat-field planes fitted")
+    tracker.advance(int(groups[-1][-1]) + 1, f"{name}: flat-field planes fitted")
 
 
 def _dask_worker():
@@ -957,7 +993,8 @@ def _process_slice(params: IlluminationParams, n_slices: int):
         }
         planned = np.array(sorted(set(range(0, nz, params.plane_step)) | {nz - 1}))
         groups = plane_groups(planned, params.planes_per_task)
-        for chosen, block in _fit_groups(in_path, groups, params, plan, tracker):
+        for chosen, block in _fit_groups(in_path, grid, None if use_basicpy else resampler, groups, params, plan,
+                                         tracker):
             flat_small[chosen] = block["flatfield"]
             dark_small[chosen] = block["darkfield"]
             for key in per_plane:
