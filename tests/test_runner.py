@@ -149,8 +149,9 @@ def test_same_result_on_a_local_cluster_of_two_processes(raw, reference, tmp_pat
         # Every per-slice step, preprocessing included, ran as one task per slice on the cluster's workers, and
         # so did the passes over slices that only measure (stitching's registration, normalisation's levels).
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+        # The crop's surface detection also ran as sub-tasks of each slice's task (bands of rows).
         for step in ("soct-preprocess", "soct-illumination", "soct-stitch", "soct-stitch-register", "soct-normalize",
-                     "soct-normalize-level"):
+                     "soct-normalize-level", "soct-crop-surface"):
             assert step in prefixes, prefixes
     assert volume_checksum(tmp_path / "run") == checksum
     assert not leftovers(tmp_path / "run")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +34,8 @@ from .params import param, validate_params
 from .progress import Cancelled, Progress, ProgressCallback
 
 __all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
-           "current_client", "slices_on_client", "map_in_threads", "map_on_client", "map_slices"]
+           "current_client", "slices_on_client", "map_in_threads", "map_on_client", "map_slices",
+           "current_dask_worker", "map_subtasks"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -309,6 +311,32 @@ def _slice_task(process_slice, inputs: dict, targets: dict, overwrite: bool, uni
 def _run_on_client(client, step, inputs, targets, to_run, process_slice, params, units, tracker, stop):
     task = partial(_slice_task, process_slice, inputs, targets, params.if_exists == "overwrite", units)
     return map_on_client(client, task, to_run, units, tracker, stop, f"soct-{step}")
+
+
+def current_dask_worker():
+    """The dask worker this code runs on as a task, or None (without importing distributed: on a worker it is
+    loaded already)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker()
+    except ValueError:
+        return None
+
+
+def map_subtasks(fn, items: list, name: str) -> list:
+    """``[fn(item) for item in items]``, as sub-tasks when this runs as a task on a dask worker: the calling
+    task leaves its thread while they run, so that any idle worker of the cluster takes them. ``fn`` must
+    pickle, and its results must not depend on where it runs."""
+    if current_dask_worker() is None or len(items) < 2:
+        return [fn(item) for item in items]
+    from distributed import worker_client
+
+    with worker_client() as client:
+        futures = [client.submit(fn, item, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", pure=False)
+                   for i, item in enumerate(items)]
+        return [future.result() for future in futures]
 
 
 def _on_worker(fn, sid):

@@ -49,7 +49,10 @@ Correction of a slice
 ---------------------
 :func:`correct_illumination` estimates one flat-field (and dark offset) per depth plane from all tiles of the
 slice, as the lab pipeline does, and writes ``(tile - darkfield) / flatfield`` in the same mosaic layout.
-``plane_step = n`` fits every n-th plane only (and the last) and interpolates linearly in between.
+``plane_step = n`` fits every n-th plane only (and the last) and interpolates linearly in between. The fitted
+planes form groups of about ``planes_per_task`` (64), each warm-started on its own (the first plane of a group
+starts cold): on a dask worker the groups of a slice are sub-tasks, so a cluster's idle workers share a slice.
+The groups follow from the parameters only; one thread or a cluster writes the same bytes.
 
 Memory: the estimation reads the tiles z-block by z-block and keeps them only at working size (``n_tiles x
 z_block x h x w`` float32, ``z_block`` chosen from ``memory_budget_gb``); the correction then streams tile by
@@ -63,7 +66,6 @@ least it needs is about ``15 P + 3 tiles``. The flat-fields at tile size (one ti
 from __future__ import annotations
 
 import math
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -77,7 +79,8 @@ from ..io.atomic import atomic_output
 from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..io.omezarr import COMPRESSION_CHOICES
 from ..params import param
-from ..slices import SliceRunParams, SliceStepResult, find_slice_files, run_slice_step, slice_output_name
+from ..slices import (SliceRunParams, SliceStepResult, current_dask_worker, find_slice_files, run_slice_step,
+                      slice_output_name)
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -910,7 +913,7 @@ def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params
     are read once and each group is fitted from memory; else each group reads its own planes z-block by z-block.
     On a dask worker (and with several groups) the groups are sub-tasks that any idle worker takes: the slice's
     task leaves its thread while they run."""
-    worker = _dask_worker() if len(groups) > 1 else None
+    worker = current_dask_worker() if len(groups) > 1 else None
     planned = np.concatenate(groups)
     # Held at once: the planes, and one group's copy (here) or every group's (sub-tasks) at most.
     in_memory = plan.planes_in_memory >= len(planned) * (2 if len(groups) > 1 else 1)
@@ -944,17 +947,6 @@ def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params
         for chosen, future in zip(groups, futures):
             yield chosen, future.result()
     tracker.advance(int(groups[-1][-1]) + 1, f"{name}: flat-field planes fitted")
-
-
-def _dask_worker():
-    """The dask worker this code runs on, or None (without importing distributed: on a worker it is loaded)."""
-    distributed = sys.modules.get("distributed")
-    if distributed is None:
-        return None
-    try:
-        return distributed.get_worker()
-    except ValueError:
-        return None
 
 
 def _process_slice(params: IlluminationParams, n_slices: int):

@@ -10,6 +10,7 @@ pixel (tilted and curved cuts).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from scipy.ndimage import gaussian_filter, median_filter
 
 from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..params import param
-from ..slices import SliceRunParams, SliceStepResult, run_slice_step
+from ..slices import SliceRunParams, SliceStepResult, current_dask_worker, map_subtasks, run_slice_step
 from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice
 
 __all__ = [
@@ -162,6 +163,23 @@ class InterfaceCropParams(SliceRunParams):
     )
 
 
+def _detect_block(path: Path, params: InterfaceCropParams, core: tuple[slice, slice]):
+    """Surface depth and strength of the A-lines in ``core`` (read with the lateral smoothing's reach around)."""
+    data = open_slice(path).levels[0]
+    reach = int(4.0 * params.sigma_xy + 0.5)  # scipy's Gaussian kernel radius (truncate=4)
+    padded = tuple(slice(max(0, c.start - reach), min(n, c.stop + reach)) for c, n in zip(core, data.shape[1:]))
+    d, s = detect_interface(data[(slice(None), *padded)], params.sigma_xy, params.sigma_z)
+    inner = tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(core, padded))
+    return d[inner], s[inner]
+
+
+def _band_side(shape, side: int, parts: int = 2) -> int:
+    """A block side (a multiple of 32 pixels, at most ``side``) that splits each lateral axis of the slice into
+    about ``parts`` blocks."""
+    per_part = -(-max(shape[1], shape[2]) // parts)
+    return max(32, min(side, -(-per_part // 32) * 32))
+
+
 def _crop_slice(params: InterfaceCropParams):
     def process(in_path: Path, out_tmp: Path, tracker) -> dict:
         image = open_slice(in_path)
@@ -169,16 +187,18 @@ def _crop_slice(params: InterfaceCropParams):
         nz = data.shape[0]
         dz_um = image.scales_mm[0][0] * 1e3
         keep = max(1, min(nz, int(round(params.depth_um / dz_um))))
-        halo = int(3 * max(params.sigma_xy, 1)) + params.surface_smoothing_px
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=6)
-        blocks = list(iter_blocks(data.shape, side, halo))
-        # Pass 1: the surface of every A-line (kept: it is 2D) and the slice's median depth over tissue.
+        blocks = list(iter_blocks(data.shape, side))
+        # Pass 1: the surface of every A-line (kept: it is 2D) and the slice's median depth over tissue. Each
+        # A-line's surface depends on its neighbours within the smoothing's reach only, so the blocks (bands of
+        # rows as sub-tasks on a dask worker) give the same result however the slice is split.
         depth = np.zeros(data.shape[1:], np.float32)
         strength = np.zeros(data.shape[1:], np.float32)
-        for core, padded in blocks:
-            d, s = detect_interface(data[(slice(None), *padded)], params.sigma_xy, params.sigma_z)
-            inner = tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(core, padded))
-            depth[core], strength[core] = d[inner], s[inner]
+        detect_side = side if current_dask_worker() is None else _band_side(data.shape, side)
+        cores = [core for core, _ in iter_blocks(data.shape, detect_side)]
+        found = map_subtasks(partial(_detect_block, in_path, params), cores, "soct-crop-surface")
+        for core, (d, s) in zip(cores, found):
+            depth[core], strength[core] = d, s
         tissue = _tissue_weight(strength) > 0
         slice_depth = float(np.median(depth[tissue])) if tissue.any() else 0.0
         if params.mode == "per_pixel":
