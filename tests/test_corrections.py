@@ -175,3 +175,45 @@ def test_reconstruct_chain_runs_every_step_in_order(tiny_acquisition, tmp_path):
                               depth_um=200.0)})
     assert [o.action for o in changed.outcomes] == ["kept"] * 4 + ["ran"] * 2
     assert open_ome_zarr(changed.paths[0]).levels[0].shape[0] == 20
+
+
+def test_corrections_write_in_parts_on_a_cluster_with_the_same_bytes(mosaics, tmp_path):
+    """On a dask worker the beam, crop and normalisation steps write a slice in parts that own whole chunks at
+    every pyramid level, as sub-tasks that the other worker takes. A LocalCluster of two processes writes the
+    same bytes, at every level, as one thread. Slices of 600 x 560 pixels (the tiny phantom's mosaic pasted
+    5 x 4 times) so that level 1's chunks can be cut apart."""
+    from distributed import Client, LocalCluster
+
+    from napari_soct.processing.io.omezarr import create_ome_zarr_pyramid
+    from napari_soct.processing.slices import slices_on_client
+
+    acq, out = mosaics
+    slices = tmp_path / "slices"
+    for sid in acq.slice_ids[:2]:
+        image = open_ome_zarr(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
+        big = np.tile(np.asarray(image.levels[0][...]), (1, 5, 5))[:, :600, :560]
+        writer = create_ome_zarr_pyramid(slices / f"slice_z{sid:02d}_stitch.ome.zarr", big.shape, image.scales_mm[0],
+                                         chunks=(big.shape[0], 256, 256))
+        assert writer.n_levels == 2 and len(writer.parts()) == 4
+        writer.write((slice(None), slice(0, 600), slice(0, 560)), big)
+
+    def chain(folder):
+        common = dict(workers=2, memory_budget_gb=0.01)  # blocks of 64-96 pixels: several per part
+        beam = correct_beam_profile(slices, folder / "beam", BeamProfileParams(**common))
+        crop = crop_interface(folder / "beam", folder / "crop", InterfaceCropParams(depth_um=60.0, **common))
+        return [beam, crop, normalize_slices(folder / "crop", folder / "normalize", NormalizeParams(**common))]
+
+    local = chain(tmp_path / "threads")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, slices_on_client(client):
+        remote = chain(tmp_path / "cluster")
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    for step in ("beam", "crop", "normalize"):
+        assert f"soct-{step}-part" in prefixes, prefixes
+    for a, b in zip(local, remote):
+        assert a.metrics == b.metrics
+        for sid, path in a.outputs.items():
+            mine, theirs = open_ome_zarr(path), open_ome_zarr(b.outputs[sid])
+            assert len(mine.levels) == 2
+            for level_a, level_b in zip(mine.levels, theirs.levels):
+                np.testing.assert_array_equal(level_a[...], level_b[...])

@@ -125,3 +125,35 @@ def test_pyramid_written_in_one_pass(tmp_path):
     padded = np.pad(data, ((0, 0), (0, 1), (0, 0)), mode="edge")
     expected = padded.reshape(3, 19, 2, 25, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(image.levels[1][...], expected, rtol=1e-6)
+
+
+def test_pyramid_parts_own_whole_chunks_at_every_level(tmp_path):
+    """Parts that different processes write at the same time must not share a chunk at any level (zarr rewrites
+    a whole chunk for a partial write: one of two concurrent writers would be lost)."""
+    from napari_soct.processing.io.omezarr import create_ome_zarr_pyramid, open_pyramid_writer
+
+    two = create_ome_zarr_pyramid(tmp_path / "two.ome.zarr", (4, 700, 300), (0.004, 0.01, 0.01), chunks=(4, 256, 256),
+                                  n_levels=2)
+    # Level 1 is (350, 150): one chunk spans its x axis, so no x cut; in y its chunks cover 512 rows of level 0.
+    assert two.chunk_cuts(-2) == [512] and two.chunk_cuts(-1) == []
+    assert two.parts() == [(slice(0, 512), slice(0, 300)), (slice(512, 700), slice(0, 300))]
+    one = create_ome_zarr_pyramid(tmp_path / "one.ome.zarr", (4, 700, 300), (0.004, 0.01, 0.01), chunks=(4, 256, 256),
+                                  n_levels=1)
+    assert one.chunk_cuts(-2) == [256, 512] and one.chunk_cuts(-1) == [256]
+    assert len(one.parts()) == 4 and len(one.parts(per_axis=3)) == 6
+    three = create_ome_zarr_pyramid(tmp_path / "three.ome.zarr", (2, 2000, 1500), (0.004, 0.01, 0.01),
+                                    chunks=(2, 128, 128), n_levels=3)
+    for per_axis in (2, 3, 5):
+        parts = three.parts(per_axis)
+        covered = np.zeros(three.shape[1:], np.int8)
+        for ys, xs in parts:
+            covered[ys, xs] += 1
+            for k, level in enumerate(three.levels):
+                for axis, s in zip((-2, -1), (ys, xs)):
+                    span = level.chunks[axis] * 2**k
+                    assert s.start % span == 0 and (s.stop % span == 0 or s.stop == three.shape[axis])
+        assert (covered == 1).all()  # the parts tile the image
+    assert len(three.parts(3)) == 9
+    # A second process reopens the same levels.
+    assert [lvl.shape for lvl in open_pyramid_writer(tmp_path / "three.ome.zarr").levels] == [
+        lvl.shape for lvl in three.levels]

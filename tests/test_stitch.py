@@ -500,16 +500,14 @@ def test_bad_parameters_and_inputs_name_the_problem(mosaics, tmp_path):
         stitch_slices(not_a_grid.parent, tmp_path / "d", StitchParams())
 
 
-def test_streaming_under_a_small_budget_gives_the_same_slice_and_pyramid(tmp_path):
-    """A slice larger than the memory budget: blocks and re-reads, same result as in one block, memory bounded;
-    coarser pyramid levels are 2x2 means of level 0."""
-    nz, th, tw, n, step = 8, 128, 128, 6, 102
+def _textured_grid(grid_path, nz=8, th=128, n=6, step=102, slice_id=0):
+    """A grid of n x n tiles cut from one texture (``big``) every ``step`` pixels: consistent overlaps."""
+    tw = th
     size = (n - 1) * step + th
     big = np.stack([_texture((size, size), seed=10 + k, sigma=2.0) for k in range(nz)])
-    grid_path = tmp_path / "in" / "mosaic_grid_3d_z00.ome.zarr"
     arr = create_ome_zarr_image(grid_path, (nz, n * th, n * tw), (0.01, 0.01, 0.01), chunks=(nz, th, tw),
                                 attributes={"soct": {
-                                    "slice_id": 0, "tile_shape": [nz, th, tw], "overlap_fraction": 0.2,
+                                    "slice_id": slice_id, "tile_shape": [nz, th, tw], "overlap_fraction": 0.2,
                                     "stage_positions_mm": [{"x": x, "y": y, "stage_x_mm": x * step * 0.01,
                                                             "stage_y_mm": y * step * 0.01}
                                                            for y in range(n) for x in range(n)]}})
@@ -517,6 +515,15 @@ def test_streaming_under_a_small_budget_gives_the_same_slice_and_pyramid(tmp_pat
         for x in range(n):
             tile = big[:, y * step : y * step + th, x * step : x * step + tw]
             arr[:, y * th : (y + 1) * th, x * tw : (x + 1) * tw] = tile
+    return big
+
+
+def test_streaming_under_a_small_budget_gives_the_same_slice_and_pyramid(tmp_path):
+    """A slice larger than the memory budget: blocks and re-reads, same result as in one block, memory bounded;
+    coarser pyramid levels are 2x2 means of level 0."""
+    grid_path = tmp_path / "in" / "mosaic_grid_3d_z00.ome.zarr"
+    big = _textured_grid(grid_path)
+    nz, size = big.shape[:2]
     slice_bytes = 4 * nz * size**2
     budget_gb = 0.55 * slice_bytes / GIB
     params = StitchParams(placement="motor", memory_budget_gb=budget_gb, workers=1)
@@ -539,3 +546,30 @@ def test_streaming_under_a_small_budget_gives_the_same_slice_and_pyramid(tmp_pat
     assert np.allclose(level1[:, : h // 2, : w // 2], halved, atol=1e-5)
     print(f"slice {slice_bytes / 2**20:.1f} MiB, budget {budget_gb * 1024:.1f} MiB, traced peak {peak / 2**20:.1f} MiB")
     assert peak <= budget_gb * GIB
+
+
+@pytest.mark.parametrize("budget_gb", [4.0, 0.008])
+def test_slice_blended_in_parts_on_a_cluster_gives_the_same_bytes(tmp_path, budget_gb):
+    """On a dask worker a slice is blended in parts that own whole chunks at every pyramid level (sub-tasks the
+    other worker takes): the same bytes at every level as one thread, whatever the chunking (256-pixel chunks
+    and two levels at 4 GiB; smaller chunks, one level, many blocks under a small budget)."""
+    from distributed import Client, LocalCluster
+
+    from napari_soct.processing.slices import slices_on_client
+
+    _textured_grid(tmp_path / "in" / "mosaic_grid_3d_z00.ome.zarr")
+    _textured_grid(tmp_path / "in" / "mosaic_grid_3d_z01.ome.zarr", slice_id=1)
+    params = StitchParams(placement="motor", workers=2, memory_budget_gb=budget_gb)
+    local = stitch_slices(tmp_path / "in", tmp_path / "threads", params)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, slices_on_client(client):
+        remote = stitch_slices(tmp_path / "in", tmp_path / "cluster", params)
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert "soct-stitch-part" in prefixes, prefixes
+    for sid in (0, 1):
+        a, b = open_ome_zarr(local.outputs[sid]), open_ome_zarr(remote.outputs[sid])
+        assert len(a.levels) == len(b.levels)
+        for level_a, level_b in zip(a.levels, b.levels):
+            np.testing.assert_array_equal(np.asarray(level_a), np.asarray(level_b))
+        assert local.metrics[sid]["uncovered_pixels"] == remote.metrics[sid]["uncovered_pixels"] == 0
+        assert remote.metrics[sid]["blocks"] >= local.metrics[sid]["blocks"]

@@ -35,7 +35,7 @@ from .progress import Cancelled, Progress, ProgressCallback
 
 __all__ = ["SliceStepResult", "SliceRunParams", "find_slice_files", "slice_output_name", "run_slice_step", "StopFlag",
            "current_client", "slices_on_client", "map_in_threads", "map_on_client", "map_slices",
-           "current_dask_worker", "map_subtasks"]
+           "current_dask_worker", "map_subtasks", "write_in_parts"]
 
 GIB = 1024**3
 _SLICE_FILE_RE = re.compile(r"(?:^|_)z(\d+)(?:_[A-Za-z0-9-]+)*\.ome\.zarr$")
@@ -325,26 +325,70 @@ def current_dask_worker():
         return None
 
 
-def map_subtasks(fn, items: list, name: str) -> list:
-    """``[fn(item) for item in items]``, as sub-tasks when this runs as a task on a dask worker: the calling
-    task leaves its thread while they run, so that any idle worker of the cluster takes them. ``fn`` must
-    pickle, and its results must not depend on where it runs."""
+def map_subtasks(fn, items: list, name: str, shared=None) -> list:
+    """``[fn(item) for item in items]`` (``fn(shared, item)`` when ``shared`` is given), as sub-tasks when this
+    runs as a task on a dask worker: the calling task leaves its thread while they run, so that any idle worker
+    of the cluster takes them; ``shared`` (a large array, say) is sent to the workers once, not with each
+    sub-task. ``fn`` must pickle, and its results must not depend on where it runs."""
+    call = fn if shared is None else partial(fn, shared)
     if current_dask_worker() is None or len(items) < 2:
-        return [fn(item) for item in items]
+        return [call(item) for item in items]
     from distributed import worker_client
 
     with worker_client() as client:
-        futures = [client.submit(fn, item, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", pure=False)
-                   for i, item in enumerate(items)]
+        futures = []
+        # hash=False: a key of its own (equal values scattered by two tasks would share one and race)
+        shared_future = client.scatter(shared, direct=True, hash=False) if shared is not None else None
+        for i, item in enumerate(items):
+            args = (fn, item) if shared is None else (fn, shared_future, item)
+            futures.append(client.submit(_on_worker, *args, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", pure=False))
         return [future.result() for future in futures]
 
 
-def _on_worker(fn, sid):
-    """A slice's task on a dask worker, in the process settings every step assumes: dask starts workers with
+def write_in_parts(write_region, out_path, writer, tracker: Progress, units: int, name: str, shared=None) -> list:
+    """Write a multiscale output region by region.
+
+    ``write_region(writer, region, on_block)`` (``write_region(shared, writer, region, on_block)`` with
+    ``shared``) writes every block of the ``(y, x)`` ``region`` of ``writer`` (a ``PyramidWriter``) and calls
+    ``on_block()`` after each. Here it is called once on the whole image, advancing ``tracker`` per block. On a
+    dask worker the image is cut into parts that own whole chunks at every level (``PyramidWriter.parts``),
+    written as sub-tasks that reopen ``out_path`` (so ``write_region`` must pickle), and ``tracker`` advances by
+    ``units`` when all are done. Blocks of a part must give the same voxels as blocks of the whole image.
+    Returns what ``write_region`` returned, per part.
+    """
+    call = write_region if shared is None else partial(write_region, shared)
+    parts = writer.parts() if current_dask_worker() is not None else []
+    if len(parts) < 2:
+        done = [0]
+
+        def on_block():
+            done[0] += 1
+            if done[0] <= units:
+                tracker.advance(1, f"{Path(out_path).name}: block")
+            else:
+                tracker.check()
+
+        result = call(writer, tuple(slice(0, n) for n in writer.shape[-2:]), on_block)
+        tracker.advance(max(0, units - done[0]), f"{Path(out_path).name}: written")
+        return [result]
+    results = map_subtasks(partial(_write_part, write_region, str(out_path)), parts, name, shared=shared)
+    tracker.advance(units, f"{Path(out_path).name}: {len(parts)} parts written")
+    return results
+
+
+def _write_part(write_region, out_path: str, *args):
+    from .io.omezarr import open_pyramid_writer
+
+    *shared, region = args
+    return write_region(*shared, open_pyramid_writer(out_path), region, lambda: None)
+
+
+def _on_worker(fn, *args):
+    """A task on a dask worker, in the process settings every step assumes: dask starts workers with
     ``MALLOC_TRIM_THRESHOLD_`` set, which freezes glibc's mmap threshold at 128 KiB (every larger buffer then
     costs page faults each time it is allocated; stitching ran 1.6x slower)."""
     return_large_buffers_to_os()
-    return fn(sid)
+    return fn(*args)
 
 
 def map_on_client(client, fn, slice_ids, units: dict, tracker: Progress, stop: StopFlag, name: str) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..io.omezarr import OmeZarrImage, PyramidWriter, create_ome_zarr_pyramid, open_ome_zarr
 
-__all__ = ["iter_blocks", "block_size_for", "create_slice_like", "sample_pixels", "open_slice"]
+__all__ = ["iter_blocks", "write_blocks", "block_size_for", "create_slice_like", "sample_pixels", "open_slice"]
 
 FLOAT_BYTES = 4
 
@@ -30,15 +30,29 @@ def block_size_for(shape, budget_bytes: int, copies: int = 4, align: int = 32, s
     return min(side, max(shape[1], shape[2]))
 
 
-def iter_blocks(shape, side: int, halo: int = 0) -> Iterator[tuple[tuple[slice, slice], tuple[slice, slice]]]:
-    """Yield ``(core, padded)`` ``(y, x)`` slices: blocks of ``side`` pixels and the same grown by ``halo``."""
+def iter_blocks(shape, side: int, halo: int = 0, region: tuple[slice, slice] | None = None,
+                ) -> Iterator[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """Yield ``(core, padded)`` ``(y, x)`` slices: blocks of ``side`` pixels (from the start of ``region``,
+    default the whole image) and the same grown by ``halo``."""
     _, ny, nx = shape
-    for y0 in range(0, ny, side):
-        for x0 in range(0, nx, side):
-            y1, x1 = min(y0 + side, ny), min(x0 + side, nx)
+    ys, xs = region or (slice(0, ny), slice(0, nx))
+    for y0 in range(ys.start, ys.stop, side):
+        for x0 in range(xs.start, xs.stop, side):
+            y1, x1 = min(y0 + side, ys.stop), min(x0 + side, xs.stop)
             core = (slice(y0, y1), slice(x0, x1))
             padded = (slice(max(0, y0 - halo), min(ny, y1 + halo)), slice(max(0, x0 - halo), min(nx, x1 + halo)))
             yield core, padded
+
+
+def write_blocks(source_path, block_of, side: int, *args) -> None:
+    """``write_region`` of :func:`~napari_soct.processing.slices.write_in_parts` for corrections that work block
+    by block: ``args`` are ``([shared,] writer, region, on_block)``; every block of ``side`` pixels in
+    ``region`` is ``block_of([shared,] data, core)``, where ``data`` is the source slice's level 0."""
+    *shared, writer, region, on_block = args
+    data = open_slice(source_path).levels[0]
+    for core, _ in iter_blocks(writer.shape, side, region=region):
+        writer.write((slice(None), *core), block_of(*shared, data, core))
+        on_block()
 
 
 def create_slice_like(path: Path, source: OmeZarrImage, step: str, depth: int | None = None,

@@ -69,18 +69,20 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import scipy.fft
+import zarr
 from scipy.ndimage import gaussian_filter1d
 
 from ..io.atomic import atomic_output
 from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..io.omezarr import COMPRESSION_CHOICES
 from ..params import param
-from ..slices import (SliceRunParams, SliceStepResult, current_dask_worker, find_slice_files, run_slice_step,
-                      slice_output_name)
+from ..slices import (SliceRunParams, SliceStepResult, current_dask_worker, find_slice_files, map_subtasks,
+                      run_slice_step, slice_output_name)
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -939,7 +941,8 @@ def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params
         for i, chosen in enumerate(groups):
             key = f"soct-illumination-fit-{name.split('.')[0]}-g{i}-{uuid.uuid4().hex[:8]}"
             if in_memory:
-                part = client.scatter(np.ascontiguousarray(stack[:, np.searchsorted(planned, chosen)]), direct=True)
+                part = client.scatter(np.ascontiguousarray(stack[:, np.searchsorted(planned, chosen)]), direct=True,
+                                      hash=False)
                 futures.append(client.submit(_fit_stack, part, params, plan, pure=False, key=key))
             else:
                 futures.append(client.submit(_fit_group_reading, in_path, chosen, params, plan, pure=False, key=key))
@@ -947,6 +950,24 @@ def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params
         for chosen, future in zip(groups, futures):
             yield chosen, future.result()
     tracker.advance(int(groups[-1][-1]) + 1, f"{name}: flat-field planes fitted")
+
+
+def _correct_tiles(in_path, out_path, fields, tiles, check=None) -> None:
+    """Divide the tiles ``[(x, y), ...]`` of the grid at ``in_path`` by the flat-field (after subtracting the
+    dark-field, if any; ``fields = (flatfield, darkfield or None)``), each written as its chunk of the grid
+    created at ``out_path``."""
+    flatfield, darkfield = fields
+    grid = open_mosaic_grid(in_path)
+    output = zarr.open_group(str(out_path), mode="r+")["0"]
+    for x, y in tiles:
+        tile = grid.read_tile(int(x), int(y))
+        if darkfield is not None:
+            tile -= darkfield
+        tile /= flatfield
+        output[grid.tile_region(int(x), int(y))] = tile
+        del tile
+        if check is not None:
+            check()
 
 
 def _process_slice(params: IlluminationParams, n_slices: int):
@@ -1016,14 +1037,13 @@ def _process_slice(params: IlluminationParams, n_slices: int):
             "illumination": {"method": "BaSiC", "backend": "basicpy" if use_basicpy else be.name,
                              "get_darkfield": settings.get_darkfield, "working_size": [wy, wx],
                              "source": str(in_path)}})
-        for x, y in positions:
-            tile = grid.read_tile(x, y)
-            if darkfield is not None:
-                tile -= darkfield
-            tile /= flatfield
-            output[grid.tile_region(x, y)] = tile
-            del tile
-            tracker.check()
+        if current_dask_worker() is None:
+            _correct_tiles(in_path, out_tmp, (flatfield, darkfield), positions, check=tracker.check)
+        else:  # groups of tiles as sub-tasks, the fields sent once
+            groups = [list(g) for g in np.array_split(np.array(positions), min(4, len(positions))) if len(g)]
+            map_subtasks(partial(_correct_tiles, in_path, str(out_tmp)), groups, "soct-illumination-apply",
+                         shared=(flatfield, darkfield))
+        del output
         apply_seconds = time.perf_counter() - started - fit_seconds
 
         final = slice_output_name(sid, STEP_NAME)

@@ -11,8 +11,9 @@ from scipy.ndimage import gaussian_filter1d
 from skimage.filters import threshold_otsu
 
 from ..params import param
-from ..slices import SliceRunParams, SliceStepResult, find_slice_files, map_slices, run_slice_step
-from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice, sample_pixels
+from ..slices import (SliceRunParams, SliceStepResult, find_slice_files, map_slices, run_slice_step,
+                      write_in_parts)
+from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice, sample_pixels, write_blocks
 
 __all__ = [
     "BeamProfileParams",
@@ -73,15 +74,22 @@ def _beam_slice(params: BeamProfileParams):
         gain = np.clip(gain, 1.0 / params.max_gain, params.max_gain).astype(np.float32)
         writer = create_slice_like(out_tmp, image, "beam", extra={"beam_gain": gain.tolist()})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
-        for core, _ in iter_blocks(data.shape, side):
-            block = np.asarray(data[(slice(None), *core)], np.float32)
-            block *= gain[:, None, None]
-            writer.write((slice(None), *core), block)
-            tracker.advance(1, f"{in_path.name}: block")
+        write_in_parts(partial(write_blocks, in_path, partial(_scaled_block, gain[:, None, None], 0.0), side),
+                       out_tmp, writer, tracker, _n_blocks(params)(in_path), "soct-beam-part")
         return {"peak_depth_samples": peak, "surface_depth_samples": surface, "max_gain_applied": float(gain.max()),
                 "profile": profile.tolist()}
 
     return process
+
+
+def _scaled_block(factor, floor: float, data, core) -> np.ndarray:
+    """``data``'s block at ``core`` times ``factor`` (a number, or gains broadcast over the block); values
+    below ``floor`` after scaling set to zero when ``floor`` > 0."""
+    block = np.asarray(data[(slice(None), *core)], np.float32)
+    block *= factor
+    if floor > 0:
+        block[block < floor] = 0
+    return block
 
 
 def _n_blocks(params):
@@ -162,12 +170,8 @@ def normalize_slices(source, out_dir, params: NormalizeParams | None = None, *, 
         floor = params.agarose_floor * target
         writer = create_slice_like(out_tmp, image, "normalize", extra={"normalize_scale": factor})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
-        for core, _ in iter_blocks(data.shape, side):
-            block = np.asarray(data[(slice(None), *core)], np.float32) * np.float32(factor)
-            if floor > 0:
-                block[block < floor] = 0
-            writer.write((slice(None), *core), block)
-            tracker.advance(1, f"{in_path.name}: block")
+        write_in_parts(partial(write_blocks, in_path, partial(_scaled_block, np.float32(factor), floor), side),
+                       out_tmp, writer, tracker, _n_blocks(params)(in_path), "soct-normalize-part")
         return {"level": level_of[sid], "smoothed_level": float(smoothed[list(files).index(sid)]), "scale": factor,
                 "target_level": target}
 

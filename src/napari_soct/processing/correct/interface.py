@@ -18,8 +18,9 @@ from scipy.ndimage import gaussian_filter, median_filter
 
 from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..params import param
-from ..slices import SliceRunParams, SliceStepResult, current_dask_worker, map_subtasks, run_slice_step
-from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice
+from ..slices import (SliceRunParams, SliceStepResult, current_dask_worker, map_subtasks, run_slice_step,
+                      write_in_parts)
+from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slice, write_blocks
 
 __all__ = [
     "detect_interface",
@@ -180,6 +181,11 @@ def _band_side(shape, side: int, parts: int = 2) -> int:
     return max(32, min(side, -(-per_part // 32) * 32))
 
 
+def _cropped_block(keep: int, start: np.ndarray, data, core) -> np.ndarray:
+    """``keep`` samples of each A-line of ``data``'s block at ``core``, from its row of ``start`` on."""
+    return shift_alines(np.asarray(data[(slice(None), *core)], np.float32), start[core], keep)
+
+
 def _crop_slice(params: InterfaceCropParams):
     def process(in_path: Path, out_tmp: Path, tracker) -> dict:
         image = open_slice(in_path)
@@ -212,10 +218,8 @@ def _crop_slice(params: InterfaceCropParams):
         else:
             start = np.full(depth.shape, int(np.floor(slice_depth)), np.int64)
         writer = create_slice_like(out_tmp, image, "crop", depth=keep, extra={"interface_mode": params.mode})
-        for core, _ in blocks:
-            block = np.asarray(data[(slice(None), *core)], np.float32)
-            writer.write((slice(None), *core), shift_alines(block, start[core], keep))
-            tracker.advance(1, f"{in_path.name}: block")
+        write_in_parts(partial(write_blocks, in_path, partial(_cropped_block, keep), side), out_tmp, writer,
+                       tracker, len(blocks), "soct-crop-part", shared=start)
         return {"interface_depth_samples": slice_depth, "interface_depth_um": slice_depth * dz_um,
                 "surface_range_samples": float(np.ptp(start[tissue])) if tissue.any() else 0.0,
                 "tissue_fraction": float(tissue.mean()), "kept_samples": keep}

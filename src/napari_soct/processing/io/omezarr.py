@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "compressors_for",
     "create_ome_zarr_pyramid",
     "PyramidWriter",
+    "open_pyramid_writer",
     "pyramid_level_count",
 ]
 
@@ -259,6 +261,32 @@ class PyramidWriter:
     def n_levels(self) -> int:
         return len(self.levels)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.levels[0].shape)
+
+    def chunk_cuts(self, axis: int) -> list[int]:
+        """Positions along level 0's ``axis`` (y or x, counted from the end) where a cut splits no chunk of any
+        level: regions between such cuts can be written by different processes at the same time."""
+        period = 1
+        for k, level in enumerate(self.levels):
+            if level.chunks[axis] >= level.shape[axis]:
+                return []  # one chunk spans this level: any cut would split it
+            period = math.lcm(period, level.chunks[axis] * 2**k)
+        return list(range(period, self.shape[axis], period))
+
+    def parts(self, per_axis: int = 2) -> list[tuple[slice, slice]]:
+        """At most ``per_axis`` x ``per_axis`` ``(y, x)`` regions of level 0 that own whole chunks at every
+        level, about equal in size, covering the image (one region when no cut is possible)."""
+        edges = []
+        for axis in (-2, -1):
+            cuts, n = self.chunk_cuts(axis), self.shape[axis]
+            chosen = sorted({min(cuts, key=lambda c: abs(c - n * i / per_axis)) for i in range(1, per_axis)}
+                            if cuts else set())
+            edges.append([0, *chosen, n])
+        return [(slice(y0, y1), slice(x0, x1)) for y0, y1 in zip(edges[0], edges[0][1:])
+                for x0, x1 in zip(edges[1], edges[1][1:])]
+
     def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
         """Write ``block`` at ``region`` of level 0 and its downsampled versions into the other levels."""
         full = self.levels[0].shape
@@ -278,6 +306,14 @@ class PyramidWriter:
             level[tuple(slice(a, b) for a, b in zip(starts, stop))] = block[
                 tuple(slice(0, b - a) for a, b in zip(starts, stop))
             ]
+
+
+def open_pyramid_writer(path: str | os.PathLike) -> PyramidWriter:
+    """A :class:`PyramidWriter` on the levels of an existing multiscale image (made by
+    :func:`create_ome_zarr_pyramid`), e.g. in another process that writes a part of it."""
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    return PyramidWriter([group[d["path"]] for d in datasets])
 
 
 def create_ome_zarr_pyramid(

@@ -326,7 +326,7 @@ class TileCache:
 
 
 def stitch_blocks(layout: CanvasLayout, cache: TileCache, n_z: int, block_hw: tuple[int, int], write, *,
-                  on_block=None) -> dict:
+                  on_block=None, region: tuple[slice, slice] | None = None) -> dict:
     """Build the canvas block by block and hand each block to ``write(region, block)``.
 
     Parameters
@@ -342,20 +342,23 @@ def stitch_blocks(layout: CanvasLayout, cache: TileCache, n_z: int, block_hw: tu
         ``write((slice_z, slice_y, slice_x), block)`` with ``block`` float32 ``(n_z, h, w)``.
     on_block : callable, optional
         Called after each block (progress, cancellation).
+    region : (slice, slice), optional
+        Only the blocks of this ``(y, x)`` part of the canvas (blocks start at its corner); default the whole
+        canvas. Each pixel's value does not depend on the blocks it was built in.
 
     Returns
     -------
     dict
         ``blocks`` written and ``empty_pixels`` (canvas pixels no tile covers, left at 0).
     """
-    height, width = layout.shape
+    ys, xs = region or (slice(0, layout.shape[0]), slice(0, layout.shape[1]))
     bh, bw = block_hw
     n_blocks = 0
     empty = 0
-    for y0 in range(0, height, bh):
-        y1 = min(y0 + bh, height)
-        for x0 in range(0, width, bw):
-            x1 = min(x0 + bw, width)
+    for y0 in range(ys.start, ys.stop, bh):
+        y1 = min(y0 + bh, ys.stop)
+        for x0 in range(xs.start, xs.stop, bw):
+            x1 = min(x0 + bw, xs.stop)
             out = np.zeros((n_z, y1 - y0, x1 - x0), np.float32)
             wsum = np.zeros((y1 - y0, x1 - x0), np.float32)
             best = np.full((y1 - y0, x1 - x0), -1.0, np.float32) if cache.blending == "none" else None

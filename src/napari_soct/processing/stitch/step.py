@@ -33,7 +33,7 @@ from ..memory import return_large_buffers_to_os
 from ..params import param, validate_params
 from ..progress import Progress, ProgressCallback
 from ..slices import (SliceRunParams, SliceStepResult, StopFlag, current_client, find_slice_files, map_on_client,
-                      run_slice_step, slice_output_name)
+                      run_slice_step, slice_output_name, write_in_parts)
 from .blend import BLENDING_CHOICES, TileCache, canvas_layout, diffusion_solve_bytes, stitch_blocks
 from .pairwise import PairEstimate, _overlap_regions, register_grid, tile_projection, upsampled_phase_correlation
 from .placement import (
@@ -347,6 +347,18 @@ def _tile_qc(plan: SlicePlan, layout, positions: dict) -> list[dict]:
     return rows
 
 
+def _stitch_region(in_path: Path, layout, params: StitchParams, cache_bytes: int, block_hw, writer, region,
+                   on_block) -> dict:
+    """Blend the tiles of ``in_path`` into ``region`` of ``writer``, block by block (``write_in_parts``'s
+    ``write_region``); returns the blocks' statistics and the tile cache's."""
+    grid = _open_grid(in_path)
+    cache = TileCache(grid.read_tile, layout, params.blending, cache_bytes, subpixel=params.subpixel)
+    stats = stitch_blocks(layout, cache, grid.tile_shape[0], block_hw, writer.write,
+                          on_block=lambda _rect: on_block(), region=region)
+    return {**stats, "tile_reads": cache.reads, "bytes_read": cache.bytes_read,
+            "weight_solves": cache.weights.solves, "cache_peak_bytes": cache.peak_bytes}
+
+
 def stitch_slices(
     source, out_dir, params: StitchParams | None = None, *, progress: ProgressCallback | None = None, cancel=None,
 ) -> SliceStepResult:
@@ -447,8 +459,6 @@ def stitch_slices(
         nz = grid.tile_shape[0]
         chunk, block_hw = _chunk_and_block(nz, layout.shape, worker_budget - _fixed_bytes(grid, params.blending))
         cache_bytes = _cache_bytes(grid, worker_budget, block_hw, params.blending)
-        cache = TileCache(grid.read_tile, layout, params.blending, cache_bytes,
-                          subpixel=params.subpixel)
         vz, vy, vx = grid.voxel_size_um
         origin_mm = (float(layout.origin[0] * plan.pixel_mm[0]), float(layout.origin[1] * plan.pixel_mm[1]))
         attributes = {"soct": {
@@ -468,19 +478,10 @@ def stitch_slices(
             compression=params.compression, name=slice_output_name(sid, STEP_NAME).removesuffix(".ome.zarr"),
             attributes=attributes,
         )
-        expected_blocks = units(in_path)
-        done_blocks = [0]
-
-        def on_block(_rect):
-            done_blocks[0] += 1
-            if done_blocks[0] <= expected_blocks:
-                tracker.advance(1, f"stitching z{sid:02d}")
-            else:
-                tracker.check()
-
-        stats = stitch_blocks(layout, cache, nz, block_hw, writer.write, on_block=on_block)
-        if done_blocks[0] < expected_blocks:
-            tracker.advance(expected_blocks - done_blocks[0], f"stitching z{sid:02d}")
+        parts = write_in_parts(partial(_stitch_region, in_path, layout, params, cache_bytes, block_hw), out_tmp,
+                               writer, tracker, units(in_path), "soct-stitch-part")
+        stats = {key: sum(p[key] for p in parts) for key in parts[0]}
+        stats["cache_peak_bytes"] = max(p["cache_peak_bytes"] for p in parts)
         placement = plan.placement
         fit = placement.affine
         metrics = {
@@ -504,10 +505,10 @@ def stitch_slices(
             "tiles": _tile_qc(plan, layout, positions),
             "blocks": stats["blocks"],
             "uncovered_pixels": stats["empty_pixels"],
-            "tile_reads": cache.reads,
-            "bytes_read": cache.bytes_read,
-            "weight_solves": cache.weights.solves,
-            "cache_peak_bytes": cache.peak_bytes,
+            "tile_reads": stats["tile_reads"],
+            "bytes_read": stats["bytes_read"],
+            "weight_solves": stats["weight_solves"],
+            "cache_peak_bytes": stats["cache_peak_bytes"],
             "memory_budget_bytes_per_slice": worker_budget,
             "seconds": time.perf_counter() - started,
         }
