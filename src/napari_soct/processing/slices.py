@@ -325,6 +325,13 @@ def current_dask_worker():
         return None
 
 
+# Sub-tasks go before the slice tasks still queued: a worker whose slice task waits for its sub-tasks takes
+# them rather than opening another slice (dask gives a waiting task's thread to the next task in priority
+# order, by default the slices submitted first: every slice would be opened and held in memory before the
+# first one's sub-tasks ran).
+SUBTASK_PRIORITY = 1
+
+
 def map_subtasks(fn, items: list, name: str, shared=None) -> list:
     """``[fn(item) for item in items]`` (``fn(shared, item)`` when ``shared`` is given), as sub-tasks when this
     runs as a task on a dask worker: the calling task leaves its thread while they run, so that any idle worker
@@ -341,7 +348,8 @@ def map_subtasks(fn, items: list, name: str, shared=None) -> list:
         shared_future = client.scatter(shared, direct=True, hash=False) if shared is not None else None
         for i, item in enumerate(items):
             args = (fn, item) if shared is None else (fn, shared_future, item)
-            futures.append(client.submit(_on_worker, *args, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", pure=False))
+            futures.append(client.submit(_on_worker, *args, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", pure=False,
+                                         priority=SUBTASK_PRIORITY))
         return [future.result() for future in futures]
 
 

@@ -81,8 +81,8 @@ from ..io.atomic import atomic_output
 from ..io.mosaic import create_mosaic_grid_like, open_mosaic_grid
 from ..io.omezarr import COMPRESSION_CHOICES
 from ..params import param
-from ..slices import (SliceRunParams, SliceStepResult, current_dask_worker, find_slice_files, map_subtasks,
-                      run_slice_step, slice_output_name)
+from ..slices import (SUBTASK_PRIORITY, SliceRunParams, SliceStepResult, current_dask_worker, find_slice_files,
+                      map_subtasks, run_slice_step, slice_output_name)
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -943,9 +943,11 @@ def _fit_groups(in_path: Path, grid, resampler, groups: list[np.ndarray], params
             if in_memory:
                 part = client.scatter(np.ascontiguousarray(stack[:, np.searchsorted(planned, chosen)]), direct=True,
                                       hash=False)
-                futures.append(client.submit(_fit_stack, part, params, plan, pure=False, key=key))
+                futures.append(client.submit(_fit_stack, part, params, plan, pure=False, key=key,
+                                             priority=SUBTASK_PRIORITY))
             else:
-                futures.append(client.submit(_fit_group_reading, in_path, chosen, params, plan, pure=False, key=key))
+                futures.append(client.submit(_fit_group_reading, in_path, chosen, params, plan, pure=False, key=key,
+                                             priority=SUBTASK_PRIORITY))
         del stack
         for chosen, future in zip(groups, futures):
             yield chosen, future.result()
