@@ -1035,7 +1035,7 @@ def _process_slice(params: IlluminationParams, n_slices: int):
 
         # Pass 2: correct tile by tile, each written as one whole chunk.
         (sid,) = find_slice_files(in_path)  # the slice id the runner named the output with
-        output = create_mosaic_grid_like(out_tmp, grid, compression=params.compression, extra_attributes={
+        create_mosaic_grid_like(out_tmp, grid, compression=params.compression, extra_attributes={
             "illumination": {"method": "BaSiC", "backend": "basicpy" if use_basicpy else be.name,
                              "get_darkfield": settings.get_darkfield, "working_size": [wy, wx],
                              "source": str(in_path)}})
@@ -1045,7 +1045,6 @@ def _process_slice(params: IlluminationParams, n_slices: int):
             groups = [list(g) for g in np.array_split(np.array(positions), min(4, len(positions))) if len(g)]
             map_subtasks(partial(_correct_tiles, in_path, str(out_tmp)), groups, "soct-illumination-apply",
                          shared=(flatfield, darkfield))
-        del output
         apply_seconds = time.perf_counter() - started - fit_seconds
 
         final = slice_output_name(sid, STEP_NAME)

@@ -75,7 +75,7 @@ def _beam_slice(params: BeamProfileParams):
         writer = create_slice_like(out_tmp, image, "beam", extra={"beam_gain": gain.tolist()})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
         write_in_parts(partial(write_blocks, in_path, partial(_scaled_block, gain[:, None, None], 0.0), side),
-                       out_tmp, writer, tracker, _n_blocks(params)(in_path), "soct-beam-part")
+                       out_tmp, writer, tracker, len(list(iter_blocks(data.shape, side))), "soct-beam-part")
         return {"peak_depth_samples": peak, "surface_depth_samples": surface, "max_gain_applied": float(gain.max()),
                 "profile": profile.tolist()}
 
@@ -171,7 +171,7 @@ def normalize_slices(source, out_dir, params: NormalizeParams | None = None, *, 
         writer = create_slice_like(out_tmp, image, "normalize", extra={"normalize_scale": factor})
         side = block_size_for(data.shape, int(params.memory_budget_gb * GIB / max(params.workers, 1)), copies=3)
         write_in_parts(partial(write_blocks, in_path, partial(_scaled_block, np.float32(factor), floor), side),
-                       out_tmp, writer, tracker, _n_blocks(params)(in_path), "soct-normalize-part")
+                       out_tmp, writer, tracker, len(list(iter_blocks(data.shape, side))), "soct-normalize-part")
         return {"level": level_of[sid], "smoothed_level": float(smoothed[list(files).index(sid)]), "scale": factor,
                 "target_level": target}
 
