@@ -7,7 +7,12 @@ import pytest
 import zarr
 
 from napari_soct.processing.io.atomic import OutputExistsError, atomic_output
-from napari_soct.processing.io.omezarr import create_ome_zarr_image, is_ome_zarr, open_ome_zarr
+from napari_soct.processing.io.omezarr import (
+    create_ome_zarr_image,
+    create_ome_zarr_pyramid,
+    is_ome_zarr,
+    open_ome_zarr,
+)
 from napari_soct.processing.io.tables import (
     SliceConfigRow,
     SliceShift,
@@ -104,8 +109,22 @@ def test_atomic_output_keeps_old_result_on_failure(tmp_path):
         write_slice_config(tmp_path / "c.csv", [SliceConfigRow(0)])
 
 
+def test_images_written_under_a_temporary_name_record_their_final_name(tmp_path):
+    """The name in the metadata (napari's layer name) is the output's, not that of the temporary it was
+    written under; files of older versions that recorded their temporary open under the final name."""
+    target = tmp_path / "slice_z03_beam.ome.zarr"
+    with atomic_output(target) as tmp:
+        assert tmp.name != target.name
+        writer = create_ome_zarr_pyramid(tmp, (2, 8, 8), (0.01,) * 3, chunks=(2, 8, 8))
+        writer.write((slice(0, 2), slice(0, 8), slice(0, 8)), np.ones((2, 8, 8), np.float32))
+    assert zarr.open_group(target, mode="r").attrs["ome"]["multiscales"][0]["name"] == target.name
+    old = tmp_path / "old.ome.zarr"
+    create_ome_zarr_image(old, (2, 4, 4), (0.01,) * 3, chunks=(2, 4, 4), name=".old.ome.zarr.tmp-0123abcd")
+    assert open_ome_zarr(old).name == "old.ome.zarr"
+    assert open_ome_zarr(target).name == target.name
+
+
 def test_pyramid_written_in_one_pass(tmp_path):
-    from napari_soct.processing.io.omezarr import create_ome_zarr_pyramid
 
     rng = np.random.default_rng(1)
     data = rng.random((3, 37, 50), dtype=np.float32)  # odd sizes: edge blocks end at the array edge
@@ -130,7 +149,7 @@ def test_pyramid_written_in_one_pass(tmp_path):
 def test_pyramid_parts_own_whole_chunks_at_every_level(tmp_path):
     """Parts that different processes write at the same time must not share a chunk at any level (zarr rewrites
     a whole chunk for a partial write: one of two concurrent writers would be lost)."""
-    from napari_soct.processing.io.omezarr import create_ome_zarr_pyramid, open_pyramid_writer
+    from napari_soct.processing.io.omezarr import open_pyramid_writer
 
     two = create_ome_zarr_pyramid(tmp_path / "two.ome.zarr", (4, 700, 300), (0.004, 0.01, 0.01), chunks=(4, 256, 256),
                                   n_levels=2)

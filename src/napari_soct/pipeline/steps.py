@@ -94,6 +94,9 @@ class Step:
         ``"image"`` or ``"labels"``; several of one kind are shown as one stack.
     summary : callable
         ``summary(result) -> str``: what was produced, for the CLI and the widget status line.
+    before : callable, optional
+        ``before(result) -> list[(Path, kind)]``: the images the step read, shown beside its outputs ("before"
+        and "after") when the viewer does not show them yet.
     """
 
     name: str
@@ -104,6 +107,7 @@ class Step:
     inputs: tuple[Input, ...]
     outputs: Callable[[object], list[tuple[Path, str]]]
     summary: Callable[[object], str]
+    before: Callable[[object], list[tuple[Path, str]]] | None = None
 
     @property
     def param_infos(self) -> list[ParamInfo]:
@@ -211,6 +215,7 @@ def _slice_step(name, title, help, function, params, source_help):
             inputs=(Input("source", source_help, "dir"), Input("out_dir", "Output folder", "out_dir")),
             outputs=lambda result: [(p, "image") for p in result.paths],
             summary=slice_step_summary,
+            before=lambda result: [(result.inputs[s], "image") for s in sorted(result.inputs)],
         )
     )
 

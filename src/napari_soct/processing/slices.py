@@ -113,6 +113,8 @@ class SliceStepResult:
     metrics_path : Path
     skipped : list of int
         Slices whose output existed and was kept (``if_exists="skip"``).
+    inputs : dict
+        ``{slice_id: Path}`` of the file each output was made from.
     """
 
     step: str
@@ -123,6 +125,7 @@ class SliceStepResult:
     seconds: float = 0.0
     workers_used: int = 1
     skipped: list[int] = field(default_factory=list)
+    inputs: dict[int, Path] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[Path]:
@@ -248,6 +251,7 @@ def run_slice_step(
         seconds=seconds,
         workers_used=n_workers,
         skipped=skipped,
+        inputs=dict(inputs),
     )
 
 

@@ -244,15 +244,36 @@ class StepWidget(Container):
         show_info(self.status.value)
 
     def _output_layers(self, result) -> list[tuple]:
-        """Layer data of the step's outputs; several outputs of one kind become one stack."""
+        """Layer data of the step's inputs ("before", unless shown already), its outputs and per-tile QC."""
+        layers = self._image_layers(self.step.outputs(result), self.step.name)
+        before = self.step.before(result) if self.step.before is not None else []
+        if before and not self._shows_any(p for p, _ in before):
+            before = self._image_layers(before, f"{self.step.name} input")
+        else:
+            before = []
+        return before + layers + self._qc_layers(result, layers)
+
+    @staticmethod
+    def _image_layers(items: list[tuple], name: str) -> list[tuple]:
+        """One layer per kind: the image itself, or several as one stack named after their folder."""
         layers = []
         for kind in ("image", "labels"):
-            paths = [p for p, k in self.step.outputs(result) if k == kind]
+            paths = [p for p, k in items if k == kind]
             if len(paths) > 1:
-                layers.append(stacked_ome_zarr_layer(paths, f"{self.step.name}: {Path(paths[0]).parent.name}", kind))
+                layers.append(stacked_ome_zarr_layer(paths, f"{name}: {Path(paths[0]).parent.name}", kind))
             elif paths:
                 layers.extend(ome_zarr_layers(paths[0], kind))
-        return layers + self._qc_layers(result, layers)
+        return layers
+
+    def _shows_any(self, paths) -> bool:
+        """Whether a layer of the viewer shows one of ``paths`` (by the files recorded in its metadata)."""
+        wanted = {Path(p).resolve() for p in paths}
+        for layer in self.viewer.layers if self.viewer is not None else []:
+            meta = layer.metadata or {}
+            shown = [*(meta.get("sources") or []), *([meta["source"]] if meta.get("source") else [])]
+            if wanted & {Path(p).resolve() for p in shown}:
+                return True
+        return False
 
     def _qc_layers(self, result, image_layers) -> list[tuple]:
         """Per-tile QC shapes (one 2D layer per slice) when the step reported ``tiles`` in its metrics."""

@@ -9,7 +9,10 @@ import re
 import uuid
 from pathlib import Path
 
-__all__ = ["OutputExistsError", "atomic_output", "check_can_write", "IF_EXISTS_CHOICES", "remove_stale_temporaries"]
+__all__ = [
+    "OutputExistsError", "atomic_output", "check_can_write", "IF_EXISTS_CHOICES", "output_name",
+    "remove_stale_temporaries",
+]
 
 IF_EXISTS_CHOICES = ("error", "skip", "overwrite")
 
@@ -86,6 +89,14 @@ def atomic_output(path: str | os.PathLike, if_exists: str = "error"):
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def output_name(path: str | os.PathLike) -> str:
+    """The name ``path`` will have once complete: that of the final output for a temporary of
+    :func:`atomic_output` (which files record as their own name), else the path's name."""
+    name = Path(path).name
+    match = _LEFTOVER.match(name)
+    return match.group("name") if match else name
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -12,6 +12,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from .atomic import output_name
+
 __all__ = [
     "OmeZarrImage",
     "COMPRESSION_CHOICES",
@@ -77,7 +79,7 @@ def create_ome_zarr_image(
     """
     path = Path(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or path.name, [scale_mm], axes)]}}
+    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or output_name(path), [scale_mm], axes)]}}
     if attributes:
         attrs.update(attributes)
     group.attrs.update(attrs)
@@ -216,7 +218,7 @@ def open_ome_zarr(path: str | os.PathLike) -> OmeZarrImage:
         scales_mm=scales,
         axes=axes,
         version=version,
-        name=ms.get("name", path.name),
+        name=output_name(ms.get("name") or path.name),  # files of older versions recorded their temporary
         attributes=extra,
         translation_mm=translation,
         is_labels="image-label" in ome,
@@ -339,7 +341,7 @@ def create_ome_zarr_pyramid(
         shapes.append((*shape[:-2], -(-shape[-2] // f), -(-shape[-1] // f)))
         scales.append((*scale_mm[:-2], scale_mm[-2] * f, scale_mm[-1] * f))
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or path.name, scales, axes)]}}
+    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or output_name(path), scales, axes)]}}
     attrs.update(attributes or {})
     group.attrs.update(attrs)
     levels = [

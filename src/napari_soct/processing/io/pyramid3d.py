@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .atomic import output_name
 from .omezarr import _multiscales, compressors_for
 
 __all__ = [
@@ -430,7 +431,8 @@ def create_ome_zarr_pyramid3d(
     shapes = [level_shape(shape, f) for f in factors]
     scales = [tuple(a * 1e-3 for a in v) for v in voxel_sizes_um]
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    attrs = {"ome": {"version": "0.5", "multiscales": [_multiscales(name or path.name, scales, ("z", "y", "x"))]}}
+    multiscale = _multiscales(name or output_name(path), scales, ("z", "y", "x"))
+    attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}
     attrs.update(attributes or {})
     group.attrs.update(attrs)
     arrays = [

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from ..progress import Progress, ProgressCallback
-from .atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write
+from .atomic import IF_EXISTS_CHOICES, atomic_output, check_can_write, output_name
 from .omezarr import COMPRESSION_CHOICES, compressors_for, pyramid_level_count
 
 __all__ = [
@@ -514,7 +514,7 @@ def save_ome_zarr(
         if a.unit and a.type in ("space", "time"):
             entry["unit"] = a.unit
         axes_meta.append(entry)
-    multiscale = {"name": name or path.name, "axes": axes_meta, "datasets": datasets}
+    multiscale = {"name": name or output_name(path), "axes": axes_meta, "datasets": datasets}
     if build and n_levels > 1:
         multiscale["type"] = "mean" if kind == "image" else "nearest"
         multiscale["metadata"] = {
