@@ -487,7 +487,7 @@ def test_progress_and_cancellation(mosaics, tmp_path):
     assert not out.exists() or not [p for p in out.iterdir() if ".ome.zarr" in p.name]  # nor temporaries
 
 
-def test_bad_parameters_and_inputs_name_the_problem(mosaics, tmp_path):
+def test_bad_parameters_and_inputs_name_the_problem(mosaics, stitched, tmp_path):
     with pytest.raises(ValueError, match="blending"):
         stitch_slices(mosaics[1], tmp_path / "a", StitchParams(blending="feather"))
     with pytest.raises(ValueError, match="memory_budget_gb"):
@@ -498,6 +498,9 @@ def test_bad_parameters_and_inputs_name_the_problem(mosaics, tmp_path):
     create_ome_zarr_image(not_a_grid, (4, 10, 10), (0.01, 0.01, 0.01), chunks=(4, 3, 3))
     with pytest.raises(ValueError, match="mosaic_grid_3d_z00"):
         stitch_slices(not_a_grid.parent, tmp_path / "d", StitchParams())
+    # Stitched slices given to a step that takes mosaic grids: said in those words.
+    with pytest.raises(ValueError, match="slice_z00_stitch.ome.zarr: a stitched slice, not a mosaic grid"):
+        stitch_slices(stitched.out_dir, tmp_path / "e", StitchParams())
 
 
 def _textured_grid(grid_path, nz=8, th=128, n=6, step=102, slice_id=0):

@@ -106,6 +106,12 @@ def open_mosaic_grid(path: str | os.PathLike) -> MosaicGrid:
     soct = image.attributes.get("soct", {})
     tile_shape = tuple(soct.get("tile_shape") or arr.chunks)
     if arr.shape[0] != tile_shape[0] or arr.shape[1] % tile_shape[1] or arr.shape[2] % tile_shape[2]:
+        if "tile_shape" not in soct and "origin_mm" in soct:
+            raise ValueError(
+                f"{path}: a stitched slice, not a mosaic grid; the steps before stitching (resample, curvature, "
+                "illumination, stitch) take mosaic grids: mosaic_grid_3d_z*.ome.zarr from the preprocessing, or "
+                "what one of those steps wrote"
+            )
         raise ValueError(
             f"{path}: shape {arr.shape} is not a whole number of tiles of shape {tile_shape} "
             "(a mosaic grid's chunk shape is its tile shape)"
