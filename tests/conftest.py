@@ -93,6 +93,31 @@ def tiny_acquisition(tmp_path_factory):
     return make_acquisition(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def curved_cut(tmp_path_factory):
+    """``(acquisition, mosaic folder)``: the tiny phantom with a strongly tilted and curved cut (the surface spans
+    several samples), preprocessed into mosaic grids."""
+    from napari_soct.processing.preprocess import preprocess_acquisition
+    from napari_soct.processing.synthetic import make_acquisition
+
+    acq = make_acquisition(tmp_path_factory.mktemp("curved"), preset="tiny", seed=5, interface_depth_um=80.0,
+                           interface_tilt_um_per_mm=(50.0, -30.0), interface_curvature_um_per_mm2=40.0)
+    out = tmp_path_factory.mktemp("curved_mosaics")
+    preprocess_acquisition(acq.raw_dir, out, generate_previews=False)
+    return acq, out
+
+
+def true_surface_in_mosaic(acq, sid, mosaic) -> np.ndarray:
+    """The phantom's surface depth (samples) at every pixel of a mosaic grid (tiles pasted side by side)."""
+    surface = np.full(mosaic.array.shape[1:], np.nan, np.float32)
+    full = acq.interface_depth_map(sid)
+    _, ty, tx = mosaic.tile_shape
+    for x, y in mosaic.tile_positions():
+        y0, x0 = (int(round(v)) for v in acq.true_tile_position_px(sid, x, y))
+        surface[y * ty : (y + 1) * ty, x * tx : (x + 1) * tx] = full[y0 : y0 + ty, x0 : x0 + tx]
+    return surface
+
+
 @pytest.fixture(params=["numpy", "numba"])
 def kernels(request, monkeypatch):
     """Run a test with the numpy code paths and with the compiled (numba) kernels; the latter is skipped where

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import true_surface_in_mosaic
 from napari_soct.processing.correct.intensity import (
     BeamProfileParams,
     NormalizeParams,
@@ -32,33 +33,16 @@ from napari_soct.processing.preprocess import preprocess_acquisition
 
 
 @pytest.fixture(scope="module")
-def mosaics(tmp_path_factory):
-    """The tiny phantom with a strongly tilted and curved cut (the surface spans several samples)."""
-    from napari_soct.processing.synthetic import make_acquisition
-
-    acq = make_acquisition(tmp_path_factory.mktemp("acq"), preset="tiny", seed=5, interface_depth_um=80.0,
-                           interface_tilt_um_per_mm=(50.0, -30.0), interface_curvature_um_per_mm2=40.0)
-    out = tmp_path_factory.mktemp("mosaics")
-    preprocess_acquisition(acq.raw_dir, out, generate_previews=False)
-    return acq, out
-
-
-def _true_surface_in_mosaic(acq, sid, mosaic):
-    """The phantom's surface depth (samples) at every pixel of the mosaic grid (tiles pasted side by side)."""
-    surface = np.full(mosaic.array.shape[1:], np.nan, np.float32)
-    full = acq.interface_depth_map(sid)
-    _, ty, tx = mosaic.tile_shape
-    for x, y in mosaic.tile_positions():
-        y0, x0 = (int(round(v)) for v in acq.true_tile_position_px(sid, x, y))
-        surface[y * ty : (y + 1) * ty, x * tx : (x + 1) * tx] = full[y0 : y0 + ty, x0 : x0 + tx]
-    return surface
+def mosaics(curved_cut):
+    """The tiny phantom with a strongly tilted and curved cut, preprocessed (conftest)."""
+    return curved_cut
 
 
 def test_interface_detection_within_a_sample(mosaics):
     acq, out = mosaics
     for sid in acq.slice_ids:
         mosaic = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
-        truth = _true_surface_in_mosaic(acq, sid, mosaic)
+        truth = true_surface_in_mosaic(acq, sid, mosaic)
         depth, strength = detect_interface(mosaic.array[...])
         tissue = np.isfinite(truth) & (strength > 0.1 * np.percentile(strength, 99.5))
         error = np.abs(depth - truth)[tissue]
@@ -76,7 +60,7 @@ def test_per_pixel_crop_follows_the_true_surface(mosaics, tmp_path):
         cropped = open_ome_zarr(result.outputs[sid]).levels[0][...]
         assert cropped.shape[0] == round(40.0 / acq.voxel_size_um[0])
         data = src.array[...]
-        truth = _true_surface_in_mosaic(acq, sid, src)
+        truth = true_surface_in_mosaic(acq, sid, src)
         # Recover each A-line's crop start by finding its first kept sample in the input A-line. Pixels near
         # a pasted tile border are left out: there the lateral smoothing sees the neighbour tile's surface.
         _, ty, tx = src.tile_shape
@@ -99,7 +83,7 @@ def test_curvature_flattens_the_surface(mosaics, tmp_path):
     before = open_mosaic_grid(out / f"mosaic_grid_3d_z{sid:02d}.ome.zarr")
     after = open_mosaic_grid(result.outputs[sid])
     assert after.tile_shape == before.tile_shape and after.grid_shape == before.grid_shape
-    truth = _true_surface_in_mosaic(acq, sid, before)
+    truth = true_surface_in_mosaic(acq, sid, before)
     d_after, s_after = detect_interface(after.array[...])
     tissue = np.isfinite(truth) & (s_after > 0.1 * np.percentile(s_after, 99.5))
     spread_before = np.percentile(truth[tissue], 95) - np.percentile(truth[tissue], 5)

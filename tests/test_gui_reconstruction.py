@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import true_surface_in_mosaic
 from napari_soct.processing.correct._slice_io import sample_pixels
 from napari_soct.processing.correct.intensity import axial_profile
 from napari_soct.processing.correct.interface import detect_interface
@@ -29,18 +30,6 @@ def mosaic_dir(tiny_acquisition, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def curved(tmp_path_factory):
-    """``(acquisition, mosaic folder)``: the tiny phantom with a strongly tilted and curved cut."""
-    from napari_soct.processing.synthetic import make_acquisition
-
-    acq = make_acquisition(tmp_path_factory.mktemp("curved"), preset="tiny", seed=5, interface_depth_um=80.0,
-                           interface_tilt_um_per_mm=(50.0, -30.0), interface_curvature_um_per_mm2=40.0)
-    out = tmp_path_factory.mktemp("curved_mosaics")
-    preprocess_acquisition(acq.raw_dir, out, generate_previews=False)
-    return acq, out
-
-
-@pytest.fixture(scope="module")
 def stitched_dir(mosaic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("stitched")
     stitch_slices(mosaic_dir, out, StitchParams())
@@ -55,6 +44,23 @@ def _not_blank(viewer):
 def _extent_mm(layer) -> np.ndarray:
     """Physical size (mm) of a layer's last three axes."""
     return np.asarray(layer.data.shape[-3:] if not layer.multiscale else layer.data[0].shape[-3:]) * layer.scale[-3:]
+
+
+def _open_and_run(make_napari_viewer, qtbot, title, shown, out_dir, *, source=None, **params):
+    """A shown viewer with the image ``shown`` open ("before"), the widget ``title`` docked, its input taken from
+    that layer (or ``source``, a folder), run to the end; returns ``(viewer, widget)``."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open(shown, plugin="napari-soct")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", title)
+    if source is None:
+        widget.layer_pickers["source"].value = shown
+    else:
+        widget.input_widgets["source"].value = source
+    widget.input_widgets["out_dir"].value = out_dir
+    for name, value in params.items():
+        widget.param_widgets[name].value = value
+    _run(widget, qtbot)
+    return viewer, widget
 
 
 def _run(widget, qtbot, timeout=60_000):
@@ -105,14 +111,9 @@ def test_normalize_widget_equalises_levels(make_napari_viewer, qtbot, mosaic_dir
 
 
 def test_resample_widget_keeps_the_physical_extent(make_napari_viewer, qtbot, mosaic_dir, tmp_path):
-    viewer = make_napari_viewer(show=True)
     source = mosaic_dir / "mosaic_grid_3d_z00.ome.zarr"
-    viewer.open(source, plugin="napari-soct")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "1. Resample mosaic grids")
-    widget.layer_pickers["source"].value = source
-    widget.input_widgets["out_dir"].value = tmp_path / "resample"
-    widget.param_widgets["resolution_um"].value = 20.0
-    _run(widget, qtbot)
+    viewer, _ = _open_and_run(make_napari_viewer, qtbot, "1. Resample mosaic grids", source, tmp_path / "resample",
+                              resolution_um=20.0)
     before, after = viewer.layers
     assert after.name == "slice_z00_resample.ome.zarr"  # not the temporary it was written under
     assert tuple(after.scale) == pytest.approx((0.02, 0.02, 0.02))
@@ -123,26 +124,17 @@ def test_resample_widget_keeps_the_physical_extent(make_napari_viewer, qtbot, mo
     _not_blank(viewer)
 
 
-def test_curvature_widget_flattens_the_true_surface(make_napari_viewer, qtbot, curved, tmp_path):
-    acq, mosaics = curved
+def test_curvature_widget_flattens_the_true_surface(make_napari_viewer, qtbot, curved_cut, tmp_path):
+    acq, mosaics = curved_cut
     sid = acq.slice_ids[1]
-    viewer = make_napari_viewer(show=True)
-    viewer.open(mosaics / f"mosaic_grid_3d_z{sid:02d}.ome.zarr", plugin="napari-soct")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "2. Focal curvature")
-    widget.input_widgets["source"].value = mosaics  # a folder: every slice
-    widget.input_widgets["out_dir"].value = tmp_path / "curvature"
-    _run(widget, qtbot)
+    viewer, _ = _open_and_run(make_napari_viewer, qtbot, "2. Focal curvature",
+                              mosaics / f"mosaic_grid_3d_z{sid:02d}.ome.zarr", tmp_path / "curvature", source=mosaics)
     before, after = viewer.layers
-    assert after.data.shape[0] == len(acq.slice_ids)  # the slices as one stack, slice axis first
+    assert after.data.shape[0] == len(acq.slice_ids)  # every slice of the folder, as one stack
     assert tuple(after.scale[-3:]) == pytest.approx(tuple(before.scale))
     # The phantom's surface, where each tile imaged it, against the surface found in the output.
     grid = open_mosaic_grid(tmp_path / "curvature" / f"slice_z{sid:02d}_curvature.ome.zarr")
-    truth = np.full(grid.array.shape[1:], np.nan, np.float32)
-    full = acq.interface_depth_map(sid)
-    _, ty, tx = grid.tile_shape
-    for x, y in grid.tile_positions():
-        y0, x0 = (int(round(v)) for v in acq.true_tile_position_px(sid, x, y))
-        truth[y * ty:(y + 1) * ty, x * tx:(x + 1) * tx] = full[y0:y0 + ty, x0:x0 + tx]
+    truth = true_surface_in_mosaic(acq, sid, grid)
     depth, strength = detect_interface(grid.array[...])
     tissue = np.isfinite(truth) & (strength > 0.1 * np.percentile(strength, 99.5))
     spread = [np.percentile(v[tissue], 95) - np.percentile(v[tissue], 5) for v in (truth, depth)]
@@ -150,29 +142,33 @@ def test_curvature_widget_flattens_the_true_surface(make_napari_viewer, qtbot, c
     _not_blank(viewer)
 
 
+def _qc_layers_of_a_folder_run(make_napari_viewer, qtbot, acq, mosaic_dir, title, out_dir):
+    """Run a step with a tile QC on every slice of ``mosaic_dir``: ``(viewer, widget, qc layers)``, checking
+    the result's scale and one QC layer per slice (the first one visible)."""
+    viewer, widget = _open_and_run(make_napari_viewer, qtbot, title, mosaic_dir / "mosaic_grid_3d_z00.ome.zarr",
+                                   out_dir, source=mosaic_dir)
+    before, after, *qc = viewer.layers
+    assert tuple(after.scale[-3:]) == pytest.approx(tuple(before.scale))
+    assert [layer.name for layer in qc] == [f"{widget.step.name} QC z{s:02d}" for s in acq.slice_ids]
+    assert [layer.visible for layer in qc] == [True] + [False] * (len(qc) - 1)
+    for sid, layer in zip(acq.slice_ids, qc):
+        assert isinstance(layer, napari.layers.Shapes) and len(layer.data) == len(acq.tiles(sid))
+    return viewer, widget, qc
+
+
 def test_illumination_widget_estimates_the_vignetting_and_shows_tile_qc(
     make_napari_viewer, qtbot, tiny_acquisition, mosaic_dir, tmp_path
 ):
     acq = tiny_acquisition
-    viewer = make_napari_viewer(show=True)
-    viewer.open(mosaic_dir / "mosaic_grid_3d_z00.ome.zarr", plugin="napari-soct")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "3. Illumination (BaSiC)")
-    widget.input_widgets["source"].value = mosaic_dir
-    widget.input_widgets["out_dir"].value = tmp_path / "illumination"
-    _run(widget, qtbot)
-    before, after, *qc = viewer.layers
-    assert tuple(after.scale[-3:]) == pytest.approx(tuple(before.scale))
-    assert [layer.name for layer in qc] == [f"illumination QC z{s:02d}" for s in acq.slice_ids]
-    assert [layer.visible for layer in qc] == [True, False, False]
-    metrics = widget.result.metrics
+    viewer, widget, qc = _qc_layers_of_a_folder_run(make_napari_viewer, qtbot, acq, mosaic_dir,
+                                                    "3. Illumination (BaSiC)", tmp_path / "illumination")
+    ty, tx = acq.tile_shape[1:]
     for sid, layer in zip(acq.slice_ids, qc):
-        assert isinstance(layer, napari.layers.Shapes) and len(layer.data) == len(acq.tiles(sid))
         assert {"grid_x", "grid_y", "residual", "baseline"} <= set(layer.features.columns)
         # one rectangle per tile, where the mosaic grid holds that tile
-        ty, tx = acq.tile_shape[1:]
-        for (gx, gy), rect in zip(zip(layer.features["grid_x"], layer.features["grid_y"]), layer.data):
+        for gx, gy, rect in zip(layer.features["grid_x"], layer.features["grid_y"], layer.data):
             assert rect.min(axis=0) == pytest.approx((gy * ty, gx * tx))
-        fields = np.load(metrics[sid]["flatfield_path"])
+        fields = np.load(widget.result.metrics[sid]["flatfield_path"])
         deepest = acq.interface_range_samples(sid)[1]
         corr = [np.corrcoef(fields[z].ravel(), acq.flatfield.ravel())[0, 1]
                 for z in range(int(np.ceil(deepest)) + 1, acq.config.n_z)]
@@ -184,18 +180,10 @@ def test_stitch_widget_places_tiles_and_colours_them_by_their_metrics(
     make_napari_viewer, qtbot, tiny_acquisition, mosaic_dir, tmp_path
 ):
     acq = tiny_acquisition
-    viewer = make_napari_viewer(show=True)
-    viewer.open(mosaic_dir / "mosaic_grid_3d_z00.ome.zarr", plugin="napari-soct")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "4. Stitch tiles")
-    widget.input_widgets["source"].value = mosaic_dir
-    widget.input_widgets["out_dir"].value = tmp_path / "stitch"
-    _run(widget, qtbot)
-    before, after, *qc = viewer.layers
-    assert tuple(after.scale[-3:]) == pytest.approx(tuple(before.scale))
-    assert [layer.name for layer in qc] == [f"stitch QC z{s:02d}" for s in acq.slice_ids]
+    viewer, _, qc = _qc_layers_of_a_folder_run(make_napari_viewer, qtbot, acq, mosaic_dir, "4. Stitch tiles",
+                                               tmp_path / "stitch")
     for sid, layer in zip(acq.slice_ids, qc):
         assert {"overlap_ncc", "residual_px", "pairs_used"} <= set(layer.features.columns)
-        assert len(layer.data) == len(acq.tiles(sid))
         # The rectangles are where the tiles were placed: the true positions up to the slice's translation.
         corners = np.array([rect.min(axis=0) for rect in layer.data])
         truth = np.array([acq.true_tile_position_px(sid, x, y)
@@ -206,27 +194,21 @@ def test_stitch_widget_places_tiles_and_colours_them_by_their_metrics(
         assert np.all(layer.features["overlap_ncc"] > 0.3)
         # edges coloured by the first metric: tiles that differ in it differ in colour
         ncc = np.asarray(layer.features["overlap_ncc"])
-        lo, hi = np.argmin(ncc), np.argmax(ncc)
-        assert not np.allclose(layer.edge_color[lo], layer.edge_color[hi])
+        assert not np.allclose(layer.edge_color[np.argmin(ncc)], layer.edge_color[np.argmax(ncc)])
     stitched = open_ome_zarr(tmp_path / "stitch" / "slice_z00_stitch.ome.zarr").levels[0]
     assert stitched.shape[1] > 2.5 * acq.tile_shape[1]  # one canvas, tiles overlapping
     _not_blank(viewer)
 
 
 def test_beam_widget_flattens_the_tissue_profile(make_napari_viewer, qtbot, stitched_dir, tmp_path):
-    viewer = make_napari_viewer(show=True)
     source = stitched_dir / "slice_z01_stitch.ome.zarr"
-    viewer.open(source, plugin="napari-soct")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-soct", "5. Beam profile")
-    widget.layer_pickers["source"].value = source
-    widget.input_widgets["out_dir"].value = tmp_path / "beam"
-    _run(widget, qtbot)
+    viewer, widget = _open_and_run(make_napari_viewer, qtbot, "5. Beam profile", source, tmp_path / "beam")
     before, after = viewer.layers
     assert tuple(after.scale) == pytest.approx(tuple(before.scale))
     surface = widget.result.metrics[1]["surface_depth_samples"]
     deep = slice(surface + 3, None)
-    _, profile_before = axial_profile(sample_pixels(open_ome_zarr(source).levels[0]))
     written = open_ome_zarr(tmp_path / "beam" / "slice_z01_beam.ome.zarr").levels[0]
+    _, profile_before = axial_profile(sample_pixels(open_ome_zarr(source).levels[0]))
     _, profile_after = axial_profile(sample_pixels(written))
     assert profile_before[deep].max() / profile_before[deep].min() > 1.5  # attenuation and focus
     assert profile_after[deep].max() / profile_after[deep].min() < 1.25
