@@ -114,8 +114,9 @@ def _items_for(items, channels):
 def _gather(xp, table, index, out=None):
     """Rows of ``table`` (2-D, one record per row) at ``index``: shape ``index.shape + (record,)``."""
     if xp is np:
-        # One gather of whole records (viewed as opaque bytes); "wrap" is numpy's cheapest bounds handling,
-        # indices are in range by construction.
+        # One gather of whole records (viewed as opaque bytes). Indices of the pixels a band holds outside the
+        # circle can leave the table: they wrap around, as CuPy's take does, and those pixels are zeroed at the
+        # end ("wrap" is also numpy's cheapest bounds handling).
         record = table.view(f"V{table.shape[1] * table.itemsize}").reshape(-1)
         got = np.take(record, index, mode="wrap", out=out)
         return got.view(table.dtype).reshape(*index.shape, table.shape[1])
@@ -123,9 +124,9 @@ def _gather(xp, table, index, out=None):
 
 
 def fast_take(xp, table, index, out=None):
-    """``table[index]`` (1-D table); numpy's cheapest bounds mode, indices being in range by construction."""
+    """``table[index]`` (1-D table), out-of-range indices wrapping around as with CuPy's take."""
     if xp is np:
-        return np.take(table, index, mode="wrap", out=out)  # in range by construction; "wrap" is cheapest
+        return np.take(table, index, mode="wrap", out=out)  # numpy's cheapest bounds mode
     return xp.take(table, index, out=out)
 
 
