@@ -28,7 +28,7 @@ from napari_soct.processing.correct.interface import (
 from napari_soct.processing.correct.resample import ResampleParams, resample_mosaic_grids
 from napari_soct.processing.correct._slice_io import sample_pixels
 from napari_soct.processing.io.mosaic import open_mosaic_grid
-from napari_soct.processing.io.omezarr import open_ome_zarr
+from napari_soct.processing.io.omezarr import create_ome_zarr_image, open_ome_zarr
 from napari_soct.processing.preprocess import preprocess_acquisition
 
 
@@ -74,6 +74,40 @@ def test_per_pixel_crop_follows_the_true_surface(mosaics, tmp_path):
         assert np.mean(np.abs(error) <= 1) >= 0.99 and np.mean(error == 0) >= 0.7
     per_slice = crop_interface(out, tmp_path / "crop1", InterfaceCropParams(depth_um=40.0, mode="per_slice"))
     assert per_slice.metrics[acq.slice_ids[0]]["surface_range_samples"] == 0
+
+
+def _faint_surface_over_deep_blobs(path, seed=0):
+    """A slice whose cut surface (tilted, curved; known) is bright over the brain (x < 60) and faint over
+    agarose, where bright blobs lie 30 samples deeper: there the steepest rise of an A-line is a blob's top.
+    Returns the true surface (samples) and the blob mask."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = 64, 96, 96
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    surface = 12.0 + 0.05 * xx + 0.03 * yy + 0.0008 * (xx - 48.0) ** 2
+    z = np.arange(nz)[:, None, None]
+    volume = np.where(z >= surface[None], np.where(xx < 60, 0.5, 0.08)[None], 0.02)
+    blobs = np.zeros((ny, nx), bool)
+    for cy, cx in ((20, 75), (50, 85), (75, 70), (85, 90)):
+        blobs |= (yy - cy) ** 2 + (xx - cx) ** 2 < 30
+    volume[45:52, blobs] = 0.8
+    volume = (volume * rng.gamma(4.0, 0.25, volume.shape)).astype(np.float32)
+    create_ome_zarr_image(path, volume.shape, (0.01, 0.01, 0.01), chunks=(64, 48, 48))[...] = volume
+    return volume, surface, blobs
+
+
+def test_per_pixel_crop_is_not_pulled_down_by_deep_structures_under_a_faint_surface(tmp_path):
+    volume, surface, blobs = _faint_surface_over_deep_blobs(tmp_path / "in" / "slice_z00_beam.ome.zarr")
+    assert np.mean(blobs) > 0.01
+    result = crop_interface(tmp_path / "in", tmp_path / "out",
+                            InterfaceCropParams(depth_um=100.0, mode="per_pixel", surface_smoothing_px=3))
+    cropped = open_ome_zarr(result.outputs[0]).levels[0][...]
+    # Each A-line's first kept sample, found in the input A-line (speckle makes the values unique).
+    ys, xs = np.nonzero(np.ones(surface.shape, bool))
+    starts = np.array([np.flatnonzero(volume[:, y, x] == cropped[0, y, x])[0] for y, x in zip(ys, xs)])
+    error = (starts - np.floor(surface[ys, xs])).reshape(surface.shape)
+    assert np.mean(np.abs(error) <= 1) >= 0.99
+    assert np.abs(error[blobs]).max() <= 2  # over the blobs too: the fitted surface, not the blobs' tops
+    assert result.metrics[0]["surface_range_samples"] < 20  # the true surface spans ~13 samples
 
 
 def test_curvature_flattens_the_surface(mosaics, tmp_path):

@@ -64,16 +64,54 @@ def detect_interface(volume: np.ndarray, sigma_xy: float = 2.0, sigma_z: float =
     return depth.astype(np.float32), strength.astype(np.float32)
 
 
-def fit_quadratic_surface(depth: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least-squares quadratic ``a + b y + c x + d y^2 + e x y + f x^2`` through a depth map.
+def fit_quadratic_surface(
+    depth: np.ndarray, weight: np.ndarray, *, min_outlier_samples: float | None = 3.0, rounds: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares quadratic ``a + b y + c x + d y^2 + e x y + f x^2`` through a depth map, robust
+    to outliers.
+
+    Where the surface is faint (agarose, weak tissue) the steepest rise of an A-line can be a deep structure
+    instead, tens of samples below the surface, over whole patches of the slice. The fit therefore starts from
+    a least-median-of-squares estimate (the best of many fits to random handfuls of pixels: it ignores up to
+    half of them) and keeps the pixels within ``max(min_outlier_samples, 4 sigma)`` of it, ``sigma`` being the
+    robust spread (1.4826 MAD) of the residuals, for ``rounds`` weighted least-squares refits.
+    ``min_outlier_samples=None`` gives the plain weighted fit.
 
     Returns the fitted surface (same shape) and the six coefficients (for pixel coordinates).
     """
     ny, nx = depth.shape
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
     design = np.stack([np.ones_like(yy), yy, xx, yy**2, xx * yy, xx**2], axis=-1).reshape(-1, 6)
-    w = np.sqrt(np.clip(weight, 0, None)).ravel()
-    coef, *_ = np.linalg.lstsq(design * w[:, None], depth.ravel() * w, rcond=None)
+    values = depth.ravel().astype(np.float64)
+    w = np.sqrt(np.clip(weight, 0, None)).ravel().astype(np.float64)
+
+    def weighted_fit(mask):
+        wk = np.where(mask, w, 0.0)
+        return np.linalg.lstsq(design * wk[:, None], values * wk, rcond=None)[0]
+
+    usable = np.flatnonzero(w > 0)
+    coef = weighted_fit(w > 0)
+    if min_outlier_samples is None or usable.size < 12:
+        return (design @ coef).reshape(ny, nx).astype(np.float32), coef
+    rng = np.random.default_rng(0)  # deterministic: the same slice gives the same surface
+    probe = usable if usable.size <= 20000 else rng.choice(usable, 20000, replace=False)
+    best, best_median = coef, np.median(np.abs(values[probe] - design[probe] @ coef))
+    for _ in range(64):
+        pick = rng.choice(usable, 8, replace=False)
+        trial = np.linalg.lstsq(design[pick], values[pick], rcond=None)[0]
+        median = np.median(np.abs(values[probe] - design[probe] @ trial))
+        if median < best_median:
+            best, best_median = trial, median
+    coef = best
+    kept = None
+    for _ in range(rounds):
+        resid = np.abs(values - design @ coef)
+        spread = 1.4826 * np.median(resid[usable if kept is None else kept])
+        now = (w > 0) & (resid <= max(float(min_outlier_samples), 4.0 * spread))
+        if now.sum() < 6 or (kept is not None and np.array_equal(now, kept)):
+            break
+        kept = now
+        coef = weighted_fit(kept)
     return (design @ coef).reshape(ny, nx).astype(np.float32), coef
 
 
@@ -162,6 +200,11 @@ class InterfaceCropParams(SliceRunParams):
         9, "Median filter of the per-pixel surface (removes single-A-line outliers), pixels", min=1,
         advanced=True,
     )
+    max_surface_step_um: float = param(
+        50.0, "Per-pixel mode: an A-line's surface further than this (or 4 robust sigma, if more) from the "
+        "smooth surface fitted to the slice is taken as a deep structure, and the fitted surface used there",
+        min=0.0, unit="um", advanced=True,
+    )
 
 
 def _detect_block(path: Path, params: InterfaceCropParams, core: tuple[slice, slice]):
@@ -208,12 +251,14 @@ def _crop_slice(params: InterfaceCropParams):
         tissue = _tissue_weight(strength) > 0
         slice_depth = float(np.median(depth[tissue])) if tissue.any() else 0.0
         if params.mode == "per_pixel":
-            surface = median_filter(depth, size=params.surface_smoothing_px, mode="nearest")
-            # Where no surface is visible (empty agarose, weak signal) follow the smooth surface fitted to
-            # the visible one rather than noise.
-            if tissue.any() and not tissue.all():
+            # Where no surface is visible (empty agarose, weak signal), or the steepest rise is a deep structure
+            # far from the smooth surface fitted to the rest, follow that smooth surface rather than noise.
+            if tissue.any():
                 fitted, _ = fit_quadratic_surface(depth, tissue.astype(np.float32))
-                surface = np.where(tissue, surface, fitted)
+                off = np.abs(depth - fitted)
+                outlier = off > max(params.max_surface_step_um / dz_um, 4.0 * 1.4826 * np.median(off[tissue]))
+                depth = np.where(tissue & ~outlier, depth, fitted)
+            surface = median_filter(depth, size=params.surface_smoothing_px, mode="nearest")
             start = np.floor(surface).astype(np.int64)
         else:
             start = np.full(depth.shape, int(np.floor(slice_depth)), np.int64)
