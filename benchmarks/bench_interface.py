@@ -26,6 +26,7 @@ from napari_soct.processing.correct.interface import (
     _tissue_weight,
     detect_interface,
     fit_quadratic_surface,
+    surface_outliers,
 )
 from napari_soct.processing.io.omezarr import open_ome_zarr
 
@@ -35,8 +36,7 @@ def crop_starts(depth, tissue, dz_um: float, params: InterfaceCropParams, robust
     False: the former rule, fitted surface only where no surface is visible)."""
     fitted, _ = fit_quadratic_surface(depth, tissue.astype(np.float32), min_outlier_samples=3.0 if robust else None)
     if robust:
-        off = np.abs(depth - fitted)
-        outlier = off > max(params.max_surface_step_um / dz_um, 4.0 * 1.4826 * np.median(off[tissue]))
+        outlier = surface_outliers(depth, fitted, tissue, params.max_surface_step_um / dz_um)
         surface = median_filter(np.where(tissue & ~outlier, depth, fitted), size=params.surface_smoothing_px,
                                 mode="nearest")
     else:

@@ -25,6 +25,7 @@ from ._slice_io import block_size_for, create_slice_like, iter_blocks, open_slic
 __all__ = [
     "detect_interface",
     "fit_quadratic_surface",
+    "surface_outliers",
     "shift_alines",
     "CurvatureParams",
     "fix_focal_curvature",
@@ -115,6 +116,15 @@ def fit_quadratic_surface(
     return (design @ coef).reshape(ny, nx).astype(np.float32), coef
 
 
+def surface_outliers(depth: np.ndarray, fitted: np.ndarray, tissue: np.ndarray, floor_samples: float) -> np.ndarray:
+    """Tissue pixels whose detected surface lies further from the fitted one than ``floor_samples`` or 4 robust
+    sigma (1.4826 MAD over the tissue), whichever is more: deep structures taken for the surface."""
+    off = np.abs(depth - fitted)
+    if not tissue.any():
+        return np.zeros(depth.shape, bool)
+    return tissue & (off > max(float(floor_samples), 4.0 * 1.4826 * float(np.median(off[tissue]))))
+
+
 def shift_alines(volume: np.ndarray, start: np.ndarray, depth: int) -> np.ndarray:
     """``out[z, y, x] = volume[start[y, x] + z, y, x]`` for ``z < depth``; samples past the end are zero."""
     nz = volume.shape[0]
@@ -159,9 +169,12 @@ def _curvature_slice(params: CurvatureParams):
             region = mosaic.tile_region(x, y)
             out[region] = shift_alines(mosaic.read_tile(x, y), shift[region[1:]], data.shape[0])
             tracker.advance(1, f"slice {mosaic.slice_id}: tile x{x} y{y}")
-        residual = float(np.sqrt(np.average((depth - fitted) ** 2, weights=weight + 1e-12)))
+        tissue = weight > 0
+        outlier = surface_outliers(depth, fitted, tissue, 3.0)
+        inliers = tissue & ~outlier
+        residual = float(np.sqrt(np.mean((depth - fitted)[inliers] ** 2))) if inliers.any() else float("nan")
         return {"surface_range_samples": float(full.max() - full.min()), "fit_rms_samples": residual,
-                "coefficients": coef.tolist()}
+                "outlier_fraction": float(outlier.sum() / max(tissue.sum(), 1)), "coefficients": coef.tolist()}
 
     return process
 
@@ -255,8 +268,7 @@ def _crop_slice(params: InterfaceCropParams):
             # far from the smooth surface fitted to the rest, follow that smooth surface rather than noise.
             if tissue.any():
                 fitted, _ = fit_quadratic_surface(depth, tissue.astype(np.float32))
-                off = np.abs(depth - fitted)
-                outlier = off > max(params.max_surface_step_um / dz_um, 4.0 * 1.4826 * np.median(off[tissue]))
+                outlier = surface_outliers(depth, fitted, tissue, params.max_surface_step_um / dz_um)
                 depth = np.where(tissue & ~outlier, depth, fitted)
             surface = median_filter(depth, size=params.surface_smoothing_px, mode="nearest")
             start = np.floor(surface).astype(np.int64)
