@@ -246,11 +246,9 @@ class StepWidget(Container):
     def _output_layers(self, result) -> list[tuple]:
         """Layer data of the step's inputs ("before", unless shown already), its outputs and per-tile QC."""
         layers = self._image_layers(self.step.outputs(result), self.step.name)
-        before = self.step.before(result) if self.step.before is not None else []
-        if before and not self._shows_any(p for p, _ in before):
-            before = self._image_layers(before, f"{self.step.name} input")
-        else:
-            before = []
+        inputs = self.step.before(result) if self.step.before is not None else []
+        shown = not inputs or self._shows_any(p for p, _ in inputs)
+        before = [] if shown else self._image_layers(inputs, f"{self.step.name} input")
         return before + layers + self._qc_layers(result, layers)
 
     @staticmethod

@@ -74,8 +74,8 @@ def fit_quadratic_surface(
     Where the surface is faint (agarose, weak tissue) the steepest rise of an A-line can be a deep structure
     instead, tens of samples below the surface, over whole patches of the slice. The fit therefore starts from
     a least-median-of-squares estimate (the best of many fits to random handfuls of pixels: it ignores up to
-    half of them) and keeps the pixels within ``max(min_outlier_samples, 4 sigma)`` of it, ``sigma`` being the
-    robust spread (1.4826 MAD) of the residuals, for ``rounds`` weighted least-squares refits.
+    half of them) and drops the pixels :func:`surface_outliers` finds (``floor_samples=min_outlier_samples``)
+    before each of ``rounds`` weighted least-squares refits.
     ``min_outlier_samples=None`` gives the plain weighted fit.
 
     Returns the fitted surface (same shape) and the six coefficients (for pixel coordinates).
@@ -103,12 +103,9 @@ def fit_quadratic_surface(
         median = np.median(np.abs(values[probe] - design[probe] @ trial))
         if median < best_median:
             best, best_median = trial, median
-    coef = best
-    kept = None
+    coef, kept = best, None
     for _ in range(rounds):
-        resid = np.abs(values - design @ coef)
-        spread = 1.4826 * np.median(resid[usable if kept is None else kept])
-        now = (w > 0) & (resid <= max(float(min_outlier_samples), 4.0 * spread))
+        now = (w > 0) & ~surface_outliers(values, design @ coef, w > 0, min_outlier_samples)
         if now.sum() < 6 or (kept is not None and np.array_equal(now, kept)):
             break
         kept = now
