@@ -110,6 +110,36 @@ def test_per_pixel_crop_is_not_pulled_down_by_deep_structures_under_a_faint_surf
     assert result.metrics[0]["surface_range_samples"] < 20  # the true surface spans ~13 samples
 
 
+def test_crop_blocks_read_only_the_kept_depths_and_equal_the_definition():
+    """``out[z] = volume[start + z]`` (zero past the end) for every A-line, from a read of the depths the block
+    keeps only: starts before the top, past the bottom, and every A-line past the end included."""
+    from napari_soct.processing.correct.interface import _cropped_block
+
+    class Recording(np.ndarray):
+        reads: list = []
+
+        def __getitem__(self, key):
+            Recording.reads.append(key)
+            return np.asarray(self).__getitem__(key)
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        nz = int(rng.integers(1, 40))
+        volume = rng.random((nz, 7, 9)).astype(np.float32)
+        low = int(rng.integers(-5, nz + 5))
+        start = rng.integers(low, low + 6, (7, 9))
+        keep = int(rng.integers(1, nz + 3))
+        core = (slice(1, 6), slice(2, 9))
+        Recording.reads.clear()
+        got = _cropped_block(keep, start, volume.view(Recording), core)
+        z = np.arange(keep)[:, None, None] + start[core][None]
+        inside = (z >= 0) & (z < nz)
+        expected = np.where(inside, np.take_along_axis(volume[(slice(None), *core)], np.clip(z, 0, nz - 1), 0), 0)
+        np.testing.assert_array_equal(got, expected)
+        (depths, *_), = Recording.reads
+        assert depths.stop - depths.start <= max(0, min(nz, start[core].max() + keep) - max(0, start[core].min()))
+
+
 def test_curvature_flattens_the_surface(mosaics, tmp_path):
     acq, out = mosaics
     sid = acq.slice_ids[1]

@@ -125,6 +125,8 @@ def surface_outliers(depth: np.ndarray, fitted: np.ndarray, tissue: np.ndarray, 
 def shift_alines(volume: np.ndarray, start: np.ndarray, depth: int) -> np.ndarray:
     """``out[z, y, x] = volume[start[y, x] + z, y, x]`` for ``z < depth``; samples past the end are zero."""
     nz = volume.shape[0]
+    if nz == 0:  # no sample to take (every A-line starts past the end)
+        return np.zeros((depth, *volume.shape[1:]), volume.dtype)
     z = np.arange(depth)[:, None, None] + np.asarray(start, np.int64)[None]
     valid = (z >= 0) & (z < nz)
     out = np.take_along_axis(volume, np.clip(z, 0, nz - 1), axis=0)
@@ -235,8 +237,12 @@ def _band_side(shape, side: int, parts: int = 2) -> int:
 
 
 def _cropped_block(keep: int, start: np.ndarray, data, core) -> np.ndarray:
-    """``keep`` samples of each A-line of ``data``'s block at ``core``, from its row of ``start`` on."""
-    return shift_alines(np.asarray(data[(slice(None), *core)], np.float32), start[core], keep)
+    """``keep`` samples of each A-line of ``data``'s block at ``core``, from its row of ``start`` on. Only the
+    depths some A-line of the block keeps are read (a crop usually keeps a fraction of the imaged depth)."""
+    first = start[core]
+    z0 = min(max(int(first.min()), 0), data.shape[0])
+    z1 = max(min(int(first.max()) + keep, data.shape[0]), z0)
+    return shift_alines(np.asarray(data[(slice(z0, z1), *core)], np.float32), first - z0, keep)
 
 
 def _crop_slice(params: InterfaceCropParams):
